@@ -1,0 +1,233 @@
+"""Typed configuration of LLaVA-UHD v2, read from and written to the HF ``config.json``.
+
+One frozen dataclass per stage (slicing, vision tower, JBU, projector) plus the Llama config of
+the language model. :class:`HiwinConfig` is the single source of truth: it is built from the
+released ``config.json`` (official keys, see ``shared/spec/MODEL.md`` §6) and written back to
+the same layout, with a few optional ``hiwin_*`` keys that only our tiny test models need.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+SUPPORTED_PROJECTOR = "adapt_spatial_resampler"
+SUPPORTED_FEATURE_MODE = "featup_muti_res"
+SUPPORTED_SCALE_MASK = 7  # levels {1x, 2x, 4x}
+
+# openai/clip-vit-large-patch14-336, the tower every released LLaVA-UHD v2 checkpoint uses.
+CLIP_L14_336 = dict(
+    hidden_size=1024,
+    intermediate_size=4096,
+    num_hidden_layers=24,
+    num_attention_heads=16,
+    image_size=336,
+    patch_size=14,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
+
+
+class ConfigError(ValueError):
+    """A config.json that this implementation cannot build a model from."""
+
+
+@dataclass(frozen=True)
+class SliceConfig:
+    """Image slicing (MODEL.md §1)."""
+
+    scale_resolution: int = 336
+    patch_size: int = 14
+    max_slices: int = 9
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    """CLIP vision tower; ``num_hidden_layers`` is the checkpoint's depth, not what we build."""
+
+    hidden_size: int = 1024
+    intermediate_size: int = 4096
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 16
+    image_size: int = 336
+    patch_size: int = 14
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    select_layer: int = -2
+
+    @property
+    def layers_built(self) -> int:
+        """Blocks needed for ``hidden_states[select_layer]`` (23 of 24 for layer -2)."""
+        n = self.num_hidden_layers + 1 + self.select_layer if self.select_layer < 0 else self.select_layer
+        if not 1 <= n <= self.num_hidden_layers:
+            raise ConfigError(f"mm_vision_select_layer={self.select_layer} is out of range for "
+                              f"{self.num_hidden_layers} layers")
+        return n
+
+    @property
+    def grid(self) -> int:
+        return self.image_size // self.patch_size
+
+
+@dataclass(frozen=True)
+class JBUConfig:
+    """JBU up-sampler stack (MODEL.md §3)."""
+
+    dim: int = 1024
+    key_dim: int = 32
+    radius: int = 3
+    guidance_dim: int = 3
+    fixup_scale: float = 0.1
+
+
+@dataclass(frozen=True)
+class ProjectorConfig:
+    """Hiwin projector (MODEL.md §4)."""
+
+    dim: int = 4096
+    vision_dim: int = 1024
+    num_heads: int = 32
+    grid: int = 12
+    eps: float = 1e-6
+
+    @property
+    def num_queries(self) -> int:
+        return self.grid * self.grid
+
+
+@dataclass(frozen=True)
+class HiwinConfig:
+    slicing: SliceConfig = field(default_factory=SliceConfig)
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    jbu: JBUConfig = field(default_factory=JBUConfig)
+    projector: ProjectorConfig = field(default_factory=ProjectorConfig)
+    llm: dict[str, Any] = field(default_factory=dict)  # LlamaConfig kwargs
+    raw: dict[str, Any] = field(default_factory=dict, compare=False)  # the config.json as read
+
+    # ------------------------------------------------------------------ reading
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, mm_vision_tower: str | None = None,
+                  max_slices: int | None = None) -> "HiwinConfig":
+        ptype = d.get("mm_projector_type")
+        if ptype != SUPPORTED_PROJECTOR:
+            raise ConfigError(f"unsupported mm_projector_type {ptype!r}: this implementation "
+                              f"reproduces LLaVA-UHD v2, whose projector is {SUPPORTED_PROJECTOR!r}")
+        mode = d.get("feature_mode", SUPPORTED_FEATURE_MODE)
+        if mode != SUPPORTED_FEATURE_MODE:
+            raise ConfigError(f"unsupported feature_mode {mode!r} (expected {SUPPORTED_FEATURE_MODE!r})")
+        mask = int(d.get("feature_scale_mask", SUPPORTED_SCALE_MASK))
+        if mask != SUPPORTED_SCALE_MASK:
+            raise ConfigError(f"unsupported feature_scale_mask {mask}: the released model uses 7 "
+                              "(levels 1x, 2x, 4x)")
+        for key in ("hidden_size", "mm_hidden_size"):
+            if key not in d:
+                raise ConfigError(f"config.json lacks {key!r}")
+        vision = _vision_config(d, mm_vision_tower or d.get("mm_vision_tower"))
+        hidden = int(d["hidden_size"])
+        heads = int(d.get("hiwin_projector_num_heads", hidden // 128))  # the builder's rule
+        if heads < 1 or hidden % heads:
+            raise ConfigError(f"projector width {hidden} cannot be split into {heads} heads")
+        seq = int(d.get("hiwin_projector_queries", 144))
+        grid = math.isqrt(seq)
+        if grid * grid != seq:
+            raise ConfigError(f"projector query count {seq} is not a square")
+        mm_hidden = int(d["mm_hidden_size"])
+        if mm_hidden != vision.hidden_size:
+            raise ConfigError(f"mm_hidden_size={mm_hidden} differs from the vision tower width "
+                              f"{vision.hidden_size}")
+        slicing = SliceConfig(
+            scale_resolution=vision.image_size,
+            patch_size=vision.patch_size,
+            max_slices=int(max_slices if max_slices is not None else d.get("hiwin_max_slices", 9)),
+        )
+        if slicing.max_slices < 1:
+            raise ConfigError(f"max_slices must be >= 1, got {slicing.max_slices}")
+        llm = {k: v for k, v in d.items() if not _is_mm_key(k)}
+        return cls(
+            slicing=slicing,
+            vision=vision,
+            jbu=JBUConfig(dim=mm_hidden),
+            projector=ProjectorConfig(dim=hidden, vision_dim=mm_hidden, num_heads=heads, grid=grid),
+            llm=llm,
+            raw=dict(d),
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, **overrides: Any) -> "HiwinConfig":
+        cfg_file = Path(path) / "config.json"
+        if not cfg_file.is_file():
+            raise ConfigError(f"{path}: no config.json (expected an HF model directory)")
+        try:
+            d = json.loads(cfg_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{cfg_file}: invalid JSON ({e})") from e
+        return cls.from_dict(d, **overrides)
+
+    # ------------------------------------------------------------------ writing
+    def to_dict(self) -> dict[str, Any]:
+        d = dict(self.raw)
+        d.update(self.llm)
+        d.update(
+            model_type="llava_llama",
+            architectures=d.get("architectures", ["LlavaLlamaForCausalLM"]),
+            mm_projector_type=SUPPORTED_PROJECTOR,
+            feature_mode=SUPPORTED_FEATURE_MODE,
+            feature_scale_mask=SUPPORTED_SCALE_MASK,
+            mm_hidden_size=self.vision.hidden_size,
+            mm_vision_select_layer=self.vision.select_layer,
+            hidden_size=self.projector.dim,
+        )
+        d.setdefault("mm_vision_tower", "openai/clip-vit-large-patch14-336")
+        if self.vision != _builtin_vision(self.vision.select_layer):
+            d["hiwin_vision_config"] = {k: v for k, v in asdict(self.vision).items() if k != "select_layer"}
+        if self.projector.num_heads != self.projector.dim // 128:
+            d["hiwin_projector_num_heads"] = self.projector.num_heads
+        if self.projector.num_queries != 144:
+            d["hiwin_projector_queries"] = self.projector.num_queries
+        return d
+
+    def llama_config(self):
+        from transformers import LlamaConfig
+
+        kw = {k: v for k, v in self.llm.items() if k not in ("model_type", "architectures", "auto_map")}
+        return LlamaConfig(**kw)
+
+
+_MM_PREFIXES = ("mm_", "hiwin_", "feature_", "image_", "tune_", "freeze_", "unfreeze_")
+
+
+def _is_mm_key(k: str) -> bool:
+    return k.startswith(_MM_PREFIXES) or k in ("model_type", "architectures", "tokenizer_padding_side",
+                                                 "tokenizer_model_max_length")
+
+
+def _builtin_vision(select_layer: int) -> VisionConfig:
+    return VisionConfig(**CLIP_L14_336, select_layer=select_layer)
+
+
+def _vision_config(d: dict[str, Any], tower: str | None) -> VisionConfig:
+    select = int(d.get("mm_vision_select_layer", -2))
+    names = {f.name for f in fields(VisionConfig)}
+    if "hiwin_vision_config" in d:
+        kw = {k: v for k, v in d["hiwin_vision_config"].items() if k in names}
+        return VisionConfig(**kw, select_layer=select)
+    if tower and (Path(tower) / "config.json").is_file():
+        cd = json.loads((Path(tower) / "config.json").read_text())
+        cd = cd.get("vision_config", cd)
+        kw = {k: cd[k] for k in names if k in cd}
+        return VisionConfig(**kw, select_layer=select)
+    if tower and tower.rstrip("/").endswith("clip-vit-large-patch14-336"):
+        # The released config points at the authors' disk; the weights are in the checkpoint
+        # itself, so only the architecture is needed and it is known.
+        return _builtin_vision(select)
+    raise ConfigError(f"cannot determine the vision tower from mm_vision_tower={tower!r}: pass "
+                      "mm_vision_tower=<local CLIP dir> or 'openai/clip-vit-large-patch14-336'")

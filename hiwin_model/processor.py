@@ -1,0 +1,107 @@
+"""Image and text pre-processing shared by the reference model, training and the runtimes.
+
+:class:`HiwinProcessor` turns an image into normalised crops grouped by shape (slicing plan
+included) and a prompt into token ids around the ``<image>`` position. Separator ids ("\\n", ",")
+are resolved from the tokenizer once, so non-Llama tokenizers work (Llama gives 13 and 29892).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import SliceConfig
+from .conversation import IMAGE_PLACEHOLDER, get_template
+from .image import ImageSource, load_image
+from .slicing import SlicePlan, normalize, plan_slices, apply_plan
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    bos: int | None
+    eos: int
+    newline: int
+    comma: int
+
+
+def separator_id(tokenizer, text: str) -> int:
+    """Id of ``text`` as it appears after a word ("a,"), the form the released model used."""
+    ids = tokenizer("a" + text, add_special_tokens=False)["input_ids"]
+    if not ids or tokenizer.decode(ids[-1:]) != text:
+        raise ValueError(f"tokenizer has no single token for {text!r} (got ids {ids})")
+    return int(ids[-1])
+
+
+def resolve_token_ids(tokenizer) -> TokenIds:
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer defines no eos token")
+    return TokenIds(bos=tokenizer.bos_token_id, eos=int(tokenizer.eos_token_id),
+                    newline=separator_id(tokenizer, "\n"), comma=separator_id(tokenizer, ","))
+
+
+@dataclass
+class PreparedImage:
+    plan: SlicePlan
+    crops: list[Tensor]  # (3, H, W) each: slices row-major, then the overview
+
+    @property
+    def grid(self):
+        return self.plan.grid
+
+    def shape_groups(self) -> dict[tuple[int, int], list[int]]:
+        """Crop indices grouped by (H, W), so each group runs as one batch."""
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, c in enumerate(self.crops):
+            groups.setdefault(tuple(c.shape[-2:]), []).append(i)
+        return groups
+
+
+class HiwinProcessor:
+    def __init__(self, tokenizer, slicing: SliceConfig = SliceConfig(), *, pre_resize: int | None = None):
+        self.tokenizer = tokenizer
+        self.slicing = slicing
+        self.pre_resize = pre_resize
+        self.ids = resolve_token_ids(tokenizer)
+
+    def prepare_image(self, image: ImageSource, *, max_slices: int | None = None) -> PreparedImage:
+        from .slicing import pre_resize as _pre_resize
+
+        img = load_image(image)
+        if self.pre_resize:
+            img = _pre_resize(img, self.pre_resize)
+        s = self.slicing
+        plan = plan_slices(img.size, max_slices or s.max_slices, scale_resolution=s.scale_resolution,
+                           patch_size=s.patch_size)
+        sliced = apply_plan(img, plan)
+        return PreparedImage(plan, [normalize(c, s.mean, s.std) for c in sliced.crops])
+
+    def tokenize_around_image(self, prompt: str) -> tuple[list[int], list[int]]:
+        """Ids before and after the single ``<image>`` of ``prompt``; BOS only at the very start.
+
+        Like the released ``tokenizer_image_token``, each chunk is tokenized separately.
+        """
+        if prompt.count(IMAGE_PLACEHOLDER) != 1:
+            raise ValueError(f"prompt must contain exactly one {IMAGE_PLACEHOLDER}, "
+                             f"found {prompt.count(IMAGE_PLACEHOLDER)}")
+        before, after = prompt.split(IMAGE_PLACEHOLDER)
+        pre = self.tokenizer(before, add_special_tokens=False)["input_ids"] if before else []
+        post = self.tokenizer(after, add_special_tokens=False)["input_ids"] if after else []
+        if self.ids.bos is not None:
+            pre = [self.ids.bos] + pre
+        return list(pre), list(post)
+
+    def prompt(self, question: str, template: str = "vicuna_v1") -> str:
+        if not isinstance(question, str):
+            raise TypeError(f"question must be a str, got {type(question).__name__}")
+        if template != "plain" and not question.strip():
+            raise ValueError("the question is empty")
+        return get_template(template).prompt(question, eos=self.tokenizer.eos_token or "</s>")
+
+    def encode_text(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def stack_group(crops: list[Tensor], idx: list[int]) -> Tensor:
+    return torch.stack([crops[i] for i in idx])

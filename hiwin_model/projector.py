@@ -1,0 +1,183 @@
+"""Hiwin projector of LLaVA-UHD v2 (MODEL.md §4), the released ``AdaptSpatialResampler``.
+
+Per crop and level L in (1x, 2x, 4x): project every position (Linear Cv->C, shared ``ln_kv``),
+add the bicubic-resized sin-cos key positions and the level embedding to get keys (values are the
+projected features), RoI-align keys and values over a uniform 12x12 float window partition with an
+aspect-ratio-chosen sampling grid (oh, ow), and concatenate the levels' tokens per window. Four
+learned query sets attend, each query only to its own window's 3*oh*ow tokens, through ONE shared
+multi-head attention layer; ``ln_proj`` per set, then ``cat_proj``, ``ln_post`` and ``@ proj``.
+
+The shared attention's key/value projections do not depend on the query set, so they are computed
+once and reused by the four sets (the released code recomputes them; the maths is identical).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .roi_align import roi_align
+
+LEVELS = ("1x", "2x", "4x")
+# (w, h) sampling-grid candidates of the released code, in its order.
+GRID_CANDIDATES = ((4, 2), (3, 2), (4, 3), (3, 3), (2, 4), (2, 3), (3, 4))
+
+
+def sincos_table(dim: int, grid: int) -> Tensor:
+    """(grid*grid, dim) MAE 2-D sin-cos table; first half encodes the column, second the row.
+
+    Computed in float32 numpy exactly like the released code, so it equals the stored table.
+    """
+    if dim % 4:
+        raise ValueError(f"sin-cos table needs dim divisible by 4, got {dim}")
+
+    def one_d(d: int, pos: np.ndarray) -> np.ndarray:
+        omega = np.arange(d // 2, dtype=np.float32)
+        omega /= d / 2.0
+        omega = 1.0 / 10000 ** omega
+        out = np.einsum("m,d->md", pos.reshape(-1), omega)
+        return np.concatenate([np.sin(out), np.cos(out)], axis=1)
+
+    g = np.arange(grid, dtype=np.float32)
+    cols, rows = np.meshgrid(g, g)  # cols varies along the last axis: row-major token order
+    table = np.concatenate([one_d(dim // 2, cols), one_d(dim // 2, rows)], axis=1)
+    return torch.from_numpy(table.astype(np.float32))
+
+
+def sampling_grid(width: int, height: int) -> tuple[int, int]:
+    """(oh, ow) RoI-align output size for a feature map of this aspect ratio (strict argmin)."""
+    log_r = math.log(width / height)
+    best, best_err = (3, 3), float("inf")
+    for w, h in GRID_CANDIDATES:
+        err = abs(log_r - math.log(w / h))
+        if err < best_err:
+            best, best_err = (h, w), err
+    return best
+
+
+def window_boxes(height: int, width: int, grid: int = 12) -> Tensor:
+    """(grid*grid, 4) float32 windows (x1, y1, x2, y2), row-major, computed like the released code
+    (crop extents derived through the same float expressions, then x2 = x1 + w)."""
+    ratio = height * width / (grid * grid)
+    ch = math.sqrt(ratio / (width / height))
+    cw = ch * (width / height)
+    rows, cols = int(round(height / ch)), int(round(width / cw))
+    if rows * cols != grid * grid:
+        raise ValueError(f"cannot partition a {height}x{width} map into {grid}x{grid} windows")
+    boxes = [[j * cw, i * ch, j * cw + cw, i * ch + ch] for i in range(rows) for j in range(cols)]
+    return torch.tensor(boxes, dtype=torch.float32)
+
+
+class HiwinProjector(nn.Module):
+    """levels [f1x (B,Cv,H,W), f2x (B,Cv,2H,2W), f4x (B,Cv,4H,4W)] -> (B, grid^2, dim).
+
+    State-dict keys are the official ones under ``model.mm_projector.`` minus ``upsampler.*``
+    (unused official keys -- ``query``, ``kv_proj.weight``, ``*_8x_*`` -- are not built).
+    """
+
+    def __init__(self, dim: int, vision_dim: int, num_heads: int, grid: int = 12, eps: float = 1e-6,
+                 *, device=None, dtype=None):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        kw = dict(device=device, dtype=dtype)
+        self.dim, self.grid, self.num_heads = dim, grid, num_heads
+        n = grid * grid
+        self.pos_embed = nn.Parameter(sincos_table(dim, grid).to(**kw), requires_grad=False)
+        for i in range(1, 5):
+            self.register_parameter(f"query_{i}", nn.Parameter(torch.empty(n, dim, **kw)))
+        for lv in LEVELS:
+            setattr(self, f"features_{lv}_projector", nn.Linear(vision_dim, dim, **kw))
+            self.register_parameter(f"feature_{lv}_embedding", nn.Parameter(torch.zeros(1, 1, dim, **kw)))
+        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True, **kw)
+        for name in ("ln_q", "ln_kv", "ln_proj", "ln_post"):
+            setattr(self, name, nn.LayerNorm(dim, eps=eps, **kw))
+        self.cat_proj = nn.Linear(4 * dim, dim, **kw)
+        self.proj = nn.Parameter(torch.empty(dim, dim, **kw))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialisation of the released code (trunc-normal 0.02 queries/linears)."""
+        if self.proj.is_meta:
+            return
+        with torch.no_grad():
+            for i in range(1, 5):
+                nn.init.trunc_normal_(getattr(self, f"query_{i}"), std=0.02)
+            for m in self.modules():
+                if isinstance(m, nn.Linear):
+                    nn.init.trunc_normal_(m.weight, std=0.02)
+                    nn.init.zeros_(m.bias)
+            self.proj.copy_(self.dim ** -0.5 * torch.randn_like(self.proj))
+
+    @property
+    def queries(self) -> list[Tensor]:
+        return [getattr(self, f"query_{i}") for i in range(1, 5)]
+
+    # ---------------------------------------------------------------- keys and values
+    def key_positions(self, height: int, width: int) -> Tensor:
+        """(H, W, C) bicubic resize of the sin-cos table, computed in fp32 (released code)."""
+        g = self.grid
+        t = self.pos_embed.float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
+        t = F.interpolate(t, size=(height, width), mode="bicubic", align_corners=False)
+        return t[0].permute(1, 2, 0).to(self.pos_embed.dtype)
+
+    def level_tokens(self, feature: Tensor, level: str, grid_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """One level's windowed keys and values, each (B*grid^2, oh*ow, C)."""
+        B, _, H, W = feature.shape
+        f = getattr(self, f"features_{level}_projector")(feature.permute(0, 2, 3, 1))  # (B, H, W, C)
+        f = self.ln_kv(f)
+        key = f + self.key_positions(H, W) + getattr(self, f"feature_{level}_embedding")
+        # Precision policy: boxes are rounded to the model dtype (as the shipped bf16 model does,
+        # MODEL.md §4.7; a no-op in fp32) and RoI-align runs in fp32, then casts back.
+        boxes = window_boxes(H, W, self.grid).to(device=f.device, dtype=f.dtype).float()
+        n = boxes.shape[0]
+        idx = torch.arange(B, device=f.device).repeat_interleave(n)
+        boxes = boxes.repeat(B, 1)
+        out = []
+        for m in (key, f):
+            r = roi_align(m.permute(0, 3, 1, 2).float(), boxes, grid_hw, batch_idx=idx,
+                          spatial_scale=1.0, sampling_ratio=-1, aligned=False)
+            out.append(r.to(f.dtype).flatten(2).transpose(1, 2))  # (B*n, oh*ow, C)
+        return out[0], out[1]
+
+    # ---------------------------------------------------------------- attention
+    def _windowed_attention(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+        """q (N, C) one query per window, k/v (N, L, C) already projected -> (N, C)."""
+        N, L, C = k.shape
+        h, d = self.num_heads, C // self.num_heads
+        qh = q.reshape(N, h, 1, d)
+        kh = k.reshape(N, L, h, d).transpose(1, 2)
+        vh = v.reshape(N, L, h, d).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qh, kh, vh)  # (N, h, 1, d)
+        return F.linear(o.reshape(N, C), self.attn.out_proj.weight, self.attn.out_proj.bias)
+
+    def forward(self, levels: list[Tensor]) -> Tensor:
+        if len(levels) != len(LEVELS):
+            raise ValueError(f"expected {len(LEVELS)} feature levels (1x, 2x, 4x), got {len(levels)}")
+        B, _, H, W = levels[0].shape
+        for i, f in enumerate(levels):
+            s = 2 ** i
+            if f.shape[0] != B or f.shape[-2:] != (s * H, s * W):
+                raise ValueError(f"level {LEVELS[i]} has shape {tuple(f.shape)}, expected "
+                                 f"({B}, C, {s * H}, {s * W})")
+        grid_hw = sampling_grid(W, H)
+        kv = [self.level_tokens(f, lv, grid_hw) for f, lv in zip(levels, LEVELS)]
+        keys = torch.cat([k for k, _ in kv], dim=1)  # (B*n, 3*oh*ow, C)
+        values = torch.cat([v for _, v in kv], dim=1)
+        wq, wk, wv = self.attn.in_proj_weight.chunk(3)
+        bq, bk, bv = self.attn.in_proj_bias.chunk(3)
+        k = F.linear(keys, wk, bk)
+        v = F.linear(values, wv, bv)
+        n = self.grid * self.grid
+        outs = []
+        for query in self.queries:
+            q = self.ln_q(query) + self.pos_embed  # (n, C)
+            q = F.linear(q, wq, bq).repeat(B, 1)  # (B*n, C)
+            o = self._windowed_attention(q, k, v).reshape(B, n, -1)
+            outs.append(self.ln_proj(o))
+        x = self.ln_post(self.cat_proj(torch.cat(outs, dim=-1)))
+        return x @ self.proj
