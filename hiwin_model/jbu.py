@@ -40,17 +40,19 @@ def adaptive_avg_pool(x: Tensor, size: tuple[int, int]) -> Tensor:
 def adaptive_conv(hr_padded: Tensor, kernel: Tensor, diameter: int) -> Tensor:
     """out[b,c,y,x] = sum_{i,j} kernel[b, i*d+j, y, x] * hr_padded[b, c, y+i, x+j].
 
-    hr_padded: (B, C, H+d-1, W+d-1); kernel: (B, d*d, H, W). Accumulated in fp32, tap by tap, so
+    hr_padded: (B, C, H+d-1, W+d-1); kernel: (B, d*d, H, W). Accumulated in (at least) fp32, tap
+    by tap, so
     peak memory is one output-sized buffer instead of a d*d-times unfold.
     """
     B, C, Hp, Wp = hr_padded.shape
     H, W = Hp - diameter + 1, Wp - diameter + 1
-    k32 = kernel.float()
-    out = torch.zeros(B, C, H, W, dtype=torch.float32, device=hr_padded.device)
+    acc = torch.promote_types(hr_padded.dtype, torch.float32)  # at least fp32
+    k = kernel.to(acc)
+    out = torch.zeros(B, C, H, W, dtype=acc, device=hr_padded.device)
     for i in range(diameter):
         for j in range(diameter):
-            tap = hr_padded[:, :, i:i + H, j:j + W].float()
-            out.addcmul_(tap, k32[:, i * diameter + j: i * diameter + j + 1])
+            tap = hr_padded[:, :, i:i + H, j:j + W].to(acc)
+            out.addcmul_(tap, k[:, i * diameter + j: i * diameter + j + 1])
     return out.to(hr_padded.dtype)
 
 

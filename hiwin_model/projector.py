@@ -131,15 +131,17 @@ class HiwinProjector(nn.Module):
         f = getattr(self, f"features_{level}_projector")(feature.permute(0, 2, 3, 1))  # (B, H, W, C)
         f = self.ln_kv(f)
         key = f + self.key_positions(H, W) + getattr(self, f"feature_{level}_embedding")
-        # Precision policy: boxes are rounded to the model dtype (as the shipped bf16 model does,
-        # MODEL.md §4.7; a no-op in fp32) and RoI-align runs in fp32, then casts back.
-        boxes = window_boxes(H, W, self.grid).to(device=f.device, dtype=f.dtype).float()
+        # Precision policy: boxes (float32, as released) are rounded to the model dtype (as the
+        # shipped bf16 model does, MODEL.md §4.7; a no-op in fp32) and RoI-align runs in at least
+        # fp32, then casts back.
+        acc = torch.promote_types(f.dtype, torch.float32)
+        boxes = window_boxes(H, W, self.grid).to(device=f.device, dtype=f.dtype).to(acc)
         n = boxes.shape[0]
         idx = torch.arange(B, device=f.device).repeat_interleave(n)
         boxes = boxes.repeat(B, 1)
         out = []
         for m in (key, f):
-            r = roi_align(m.permute(0, 3, 1, 2).float(), boxes, grid_hw, batch_idx=idx,
+            r = roi_align(m.permute(0, 3, 1, 2).to(acc), boxes, grid_hw, batch_idx=idx,
                           spatial_scale=1.0, sampling_ratio=-1, aligned=False)
             out.append(r.to(f.dtype).flatten(2).transpose(1, 2))  # (B*n, oh*ow, C)
         return out[0], out[1]
