@@ -176,9 +176,7 @@ class HiwinForCausalLM(nn.Module):
             log.info("skipped %d unused checkpoint keys (%s)", len(ignored), sorted(set(ignored.values())))
         model._materialize_buffers(torch.device(device))
         if load_tokenizer:
-            from transformers import AutoTokenizer
-
-            tok = AutoTokenizer.from_pretrained(str(path))
+            tok = _load_tokenizer(path)
             model.processor = HiwinProcessor(tok, config.slicing, pre_resize=pre_resize)
         return model.eval()
 
@@ -214,9 +212,9 @@ class HiwinForCausalLM(nn.Module):
                   device=self.device)
 
     def save_pretrained(self, path: str | os.PathLike, *, overwrite: bool = False,
-                        max_shard_bytes: int = 4 << 30) -> Path:
+                        max_shard_bytes: int = 4 << 30, extra: Callable[[Path], None] | None = None) -> Path:
         """Write config.json, safetensors shards + index (official key names) and the tokenizer,
-        atomically (a temp directory renamed into place)."""
+        atomically (a temp directory renamed into place); ``extra(tmpdir)`` adds more files."""
         def write(tmp: Path) -> None:
             cfg = self.config.to_dict()
             cfg["torch_dtype"] = str(self.dtype).replace("torch.", "")
@@ -224,7 +222,23 @@ class HiwinForCausalLM(nn.Module):
             save_sharded(official_state_dict(self), tmp, max_shard_bytes)
             if self.processor is not None:
                 self.processor.tokenizer.save_pretrained(str(tmp))
+            if extra is not None:
+                extra(tmp)
         return atomic_directory(Path(path), write, overwrite=overwrite)
+
+
+def _load_tokenizer(path: Path):
+    """AutoTokenizer on the model directory; its config's model_type `llava_llama` is unknown to
+    transformers, which only matters for the (harmless) warning silenced here."""
+    from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    finally:
+        hf_logging.set_verbosity(level)
 
 
 def _stage0_ignored(key: str) -> str | None:

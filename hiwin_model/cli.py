@@ -1,0 +1,194 @@
+"""``hiwin``: the reference model's command line.
+
+  hiwin generate [--model DIR] [--image FILE] [--prompt TEXT]   answer a question (streams)
+  hiwin encode --model DIR --image FILE --out tokens.safetensors  visual tokens of one image
+  hiwin make-tiny OUT                                          tiny random checkpoint (official layout)
+  hiwin make-data OUT                                          generated images + LLaVA JSON
+  hiwin train stage0|stage1|stage2 ...                         the three training stages
+
+Without ``--model``, ``generate`` uses the embedded tiny model (random weights: the answer is
+noise, but every stage of the real path runs); without ``--image``, a generated 1024x768 page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("hiwin")
+
+
+def _add_model_args(p: argparse.ArgumentParser, required: bool = False) -> None:
+    p.add_argument("--model", required=required, help="HF model directory (released or hiwin-written)")
+    p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--mm-vision-tower", default=None, help="override config.json's mm_vision_tower")
+    p.add_argument("--max-slices", type=int, default=None, help="slice budget (default 9)")
+    p.add_argument("--pre-resize", type=int, default=None, help="upscale-only long side before slicing")
+
+
+def _load(args):
+    from .model import HiwinForCausalLM
+
+    kw = dict(dtype=args.dtype, device=args.device, mm_vision_tower=args.mm_vision_tower,
+              max_slices=args.max_slices, pre_resize=args.pre_resize)
+    if args.model is not None:
+        return HiwinForCausalLM.from_pretrained(args.model, **kw)
+    from .tiny import write_tiny_checkpoint
+
+    log.info("no --model: using the embedded tiny model (random weights; the answer is noise)")
+    with tempfile.TemporaryDirectory(prefix="hiwin-tiny-") as tmp:  # loaded into memory, then removed
+        return HiwinForCausalLM.from_pretrained(write_tiny_checkpoint(Path(tmp) / "tiny"), **kw)
+
+
+def cmd_generate(args) -> int:
+    from .demo import demo_image
+
+    model = _load(args)
+    image = args.image if args.image else demo_image()
+    prepared_plan = model.processor.prepare_image(image, max_slices=args.max_slices).plan
+    log.info("image %sx%s -> grid %s, %d crops", *prepared_plan.image_size, prepared_plan.grid,
+             len(prepared_plan.crop_sizes))
+    out = sys.stdout
+
+    def on_text(t: str) -> None:
+        out.write(t)
+        out.flush()
+
+    model.generate(image, args.prompt, template=args.template, max_new_tokens=args.max_new_tokens,
+                   do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                   max_slices=args.max_slices, on_text=on_text)
+    out.write("\n")
+    return 0
+
+
+def cmd_encode(args) -> int:
+    from safetensors.torch import save_file
+
+    model = _load(args)
+    tokens = model.encode_image(args.image, max_slices=args.max_slices)
+    tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
+    save_file({"visual_tokens": tokens.float().contiguous()}, str(tmp))
+    tmp.replace(args.out)
+    print(f"{args.out}: visual_tokens {tuple(tokens.shape)}")
+    return 0
+
+
+def cmd_make_tiny(args) -> int:
+    from .tiny import write_tiny_checkpoint
+
+    print(write_tiny_checkpoint(args.out, seed=args.seed, overwrite=args.overwrite))
+    return 0
+
+
+def cmd_make_data(args) -> int:
+    from .demo import write_training_data
+
+    print(write_training_data(args.out, n=args.n, seed=args.seed))
+    return 0
+
+
+def cmd_train(args) -> int:
+    if args.stage == "stage0":
+        from .train.stage0 import Stage0Args, train_stage0
+
+        train_stage0(Stage0Args(model=args.model, images=args.images, output=args.output, steps=args.steps or 2000,
+                                batch_size=args.batch_size or 16, lr=args.lr or 1e-3, res=args.res,
+                                crf_samples=args.crf_samples, seed=args.seed,
+                                resume=args.resume, log_every=args.log_every, save_every=args.save_every,
+                                device=args.device))
+        return 0
+    from .train.llm_stages import StageArgs, train_stage
+
+    stage = 1 if args.stage == "stage1" else 2
+    if not args.data or not args.image_folder:
+        raise SystemExit(f"hiwin train {args.stage}: --data and --image-folder are required")
+    train_stage(StageArgs(stage=stage, model=args.model, data=args.data, image_folder=args.image_folder,
+                          output=args.output, steps=args.steps, batch_size=args.batch_size or 1, lr=args.lr,
+                          max_length=args.max_length, max_slices=args.max_slices or 7,
+                          projector_weights=args.projector_weights, dtype=args.dtype, seed=args.seed,
+                          resume=args.resume, log_every=args.log_every, save_every=args.save_every,
+                          device=args.device))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hiwin", description="LLaVA-UHD v2 reference model")
+    ap.add_argument("-v", "--verbose", action="store_true")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="answer a question about an image (streams the answer)")
+    _add_model_args(g)
+    g.add_argument("--image", help="image file (default: a generated 1024x768 page)")
+    g.add_argument("--prompt", default="What is in the image?")
+    g.add_argument("--template", default="vicuna_v1", choices=["vicuna_v1", "plain"])
+    g.add_argument("--max-new-tokens", type=int, default=64)
+    g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-p", type=float, default=0.9)
+    g.add_argument("--seed", type=int, default=None)
+    g.set_defaults(func=cmd_generate)
+
+    e = sub.add_parser("encode", help="write an image's visual tokens (T, C) to safetensors")
+    _add_model_args(e, required=True)
+    e.add_argument("--image", required=True)
+    e.add_argument("--out", required=True)
+    e.set_defaults(func=cmd_encode)
+
+    t = sub.add_parser("make-tiny", help="write a tiny random checkpoint in the official layout")
+    t.add_argument("out")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--overwrite", action="store_true")
+    t.set_defaults(func=cmd_make_tiny)
+
+    dt = sub.add_parser("make-data", help="write generated images + LLaVA-style JSON for the training stages")
+    dt.add_argument("out")
+    dt.add_argument("-n", type=int, default=12)
+    dt.add_argument("--seed", type=int, default=0)
+    dt.set_defaults(func=cmd_make_data)
+
+    tr = sub.add_parser("train", help="training stages (multi-GPU: launch with torchrun)")
+    tr.add_argument("stage", choices=["stage0", "stage1", "stage2"])
+    tr.add_argument("--model", required=True, help="HF model directory to start from")
+    tr.add_argument("--output", required=True)
+    tr.add_argument("--images", help="stage0: folder of images")
+    tr.add_argument("--data", help="stage1/2: LLaVA-style JSON")
+    tr.add_argument("--image-folder", help="stage1/2: root of the JSON's image paths")
+    tr.add_argument("--projector-weights", help="stage2: mm_projector.bin from stage 1")
+    tr.add_argument("--steps", type=int, default=None)
+    tr.add_argument("--batch-size", type=int, default=None)
+    tr.add_argument("--lr", type=float, default=None)
+    tr.add_argument("--res", type=int, default=336, help="stage0 crop size")
+    tr.add_argument("--crf-samples", type=int, default=1000, help="stage0: pixels sampled by the CRF loss")
+    tr.add_argument("--max-length", type=int, default=4096)
+    tr.add_argument("--max-slices", type=int, default=None)
+    tr.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    tr.add_argument("--device", default=None)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--resume", action="store_true")
+    tr.add_argument("--log-every", type=int, default=10)
+    tr.add_argument("--save-every", type=int, default=0)
+    tr.set_defaults(func=cmd_train)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s",
+                        stream=sys.stderr)
+    from .checkpoint import CheckpointError
+    from .config import ConfigError
+    from .image import ImageError
+
+    try:
+        return args.func(args)
+    except (ImageError, ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"hiwin: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""Shared training machinery: data files, sequence building, the loop, DDP, checkpoints.
+
+Multi-GPU runs go through ``torchrun`` (``torch.distributed`` + DDP); a single process needs no
+launcher. Checkpoints are written atomically: model weights in the official layout, plus
+``trainer_state.pt`` (optimizer, scheduler, step, RNG) read back with ``weights_only=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from ..conversation import IMAGE_PLACEHOLDER
+
+log = logging.getLogger("hiwin.train")
+IGNORE = -100
+
+
+# ---------------------------------------------------------------------------- distributed
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def setup_distributed(device: str | None = None) -> Dist:
+    """Join the process group when launched by torchrun (WORLD_SIZE > 1)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    dev = torch.device(device, int(os.environ.get("LOCAL_RANK", "0"))) if device == "cuda" else torch.device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    return Dist(rank, world, dev)
+
+
+def wrap_ddp(module: nn.Module, d: Dist) -> nn.Module:
+    if d.world == 1:
+        return module
+    from torch.nn.parallel import DistributedDataParallel
+
+    return DistributedDataParallel(module, device_ids=[d.device.index] if d.device.type == "cuda" else None,
+                                   find_unused_parameters=True)
+
+
+# ---------------------------------------------------------------------------- data
+def read_json_list(path: str | os.PathLike) -> list[dict]:
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{p}: data file not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{p}: invalid JSON ({e})") from e
+    if not isinstance(data, list) or not data:
+        raise ValueError(f"{p}: expected a non-empty JSON list of samples")
+    for i, s in enumerate(data):
+        if "image" not in s or "conversations" not in s:
+            raise ValueError(f"{p}: sample {i} lacks 'image' or 'conversations'")
+    return data
+
+
+def conversation_turns(sample: dict) -> list[tuple[str, str]]:
+    """LLaVA ``conversations`` ([{from: human|gpt, value}]) -> [(user, assistant)]."""
+    conv = sample["conversations"]
+    if len(conv) < 2 or len(conv) % 2:
+        raise ValueError(f"sample {sample.get('id', '?')}: conversations must alternate human/gpt")
+    turns = []
+    for h, g in zip(conv[::2], conv[1::2]):
+        if h.get("from") != "human" or g.get("from") != "gpt":
+            raise ValueError(f"sample {sample.get('id', '?')}: expected human then gpt turns")
+        turns.append((h["value"], g["value"]))
+    if sum(u.count(IMAGE_PLACEHOLDER) for u, _ in turns) != 1:
+        raise ValueError(f"sample {sample.get('id', '?')}: exactly one {IMAGE_PLACEHOLDER} is required")
+    return turns
+
+
+def build_sequence(model, segments: list[tuple[str, bool]], visual: Tensor, max_length: int) -> tuple[Tensor, Tensor]:
+    """Rendered segments + visual tokens -> (embeds (L, C), labels (L,)), BOS first, truncated."""
+    proc = model.processor
+    emb = model.llm.get_input_embeddings()
+    parts: list[Tensor] = []
+    labels: list[Tensor] = []
+    dev = model.device
+
+    def add_ids(ids: list[int], supervised: bool) -> None:
+        t = torch.tensor(ids, dtype=torch.long, device=dev)
+        parts.append(emb(t))
+        labels.append(t if supervised else torch.full_like(t, IGNORE))
+
+    if proc.ids.bos is not None:
+        add_ids([proc.ids.bos], False)
+    for text, supervised in segments:
+        if IMAGE_PLACEHOLDER in text:
+            before, after = text.split(IMAGE_PLACEHOLDER)
+            if before:
+                add_ids(proc.encode_text(before), supervised)
+            parts.append(visual.to(model.dtype))
+            labels.append(torch.full((visual.shape[0],), IGNORE, dtype=torch.long, device=dev))
+            if after:
+                add_ids(proc.encode_text(after), supervised)
+        elif text:
+            add_ids(proc.encode_text(text), supervised)
+    return torch.cat(parts)[:max_length], torch.cat(labels)[:max_length]
+
+
+def pad_batch(seqs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    """Right-pad (embeds, labels) pairs -> inputs_embeds (B, L, C), attention_mask, labels."""
+    L = max(e.shape[0] for e, _ in seqs)
+    C = seqs[0][0].shape[1]
+    emb = seqs[0][0].new_zeros(len(seqs), L, C)
+    lab = torch.full((len(seqs), L), IGNORE, dtype=torch.long, device=emb.device)
+    mask = torch.zeros(len(seqs), L, dtype=torch.long, device=emb.device)
+    for i, (e, l) in enumerate(seqs):
+        emb[i, :e.shape[0]] = e
+        lab[i, :l.shape[0]] = l
+        mask[i, :e.shape[0]] = 1
+    return emb, mask, lab
+
+
+def sample_stream(n: int, d: Dist, seed: int, start_step: int, per_step: int) -> Iterator[list[int]]:
+    """Endless shuffled index batches, sharded over ranks, resumable at ``start_step``."""
+    epoch, pos, step = 0, 0, 0
+    order: list[int] = []
+    while True:
+        batch = []
+        while len(batch) < per_step:
+            if pos >= len(order):
+                order = list(range(n))
+                random.Random(seed + epoch).shuffle(order)
+                order = order[d.rank::d.world] or order
+                epoch, pos = epoch + 1, 0
+            batch.append(order[pos])
+            pos += 1
+        if step >= start_step:
+            yield batch
+        step += 1
+
+
+# ---------------------------------------------------------------------------- schedule
+def cosine_with_warmup(opt: torch.optim.Optimizer, steps: int, warmup_ratio: float):
+    warm = max(1, int(round(steps * warmup_ratio))) if warmup_ratio > 0 else 0
+
+    def f(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        prog = (step - warm) / max(1, steps - warm)
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, prog)))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, f)
+
+
+# ---------------------------------------------------------------------------- loop
+@dataclass
+class LoopConfig:
+    steps: int
+    log_every: int = 10
+    save_every: int = 0  # 0: only at the end
+    grad_clip: float = 1.0
+
+
+def run_loop(step_fn: Callable[[int], float], params: list[nn.Parameter], opt, sched, cfg: LoopConfig,
+             start_step: int, save: Callable[[int], None], d: Dist) -> list[float]:
+    """Call ``step_fn(step)`` (forward + backward, returns the loss), clip, step; log and save."""
+    losses: list[float] = []
+    t0 = time.perf_counter()
+    for step in range(start_step, cfg.steps):
+        opt.zero_grad(set_to_none=True)
+        loss = step_fn(step)
+        if cfg.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        if sched is not None:
+            sched.step()
+        losses.append(loss)
+        done = step + 1
+        if d.main and (done % cfg.log_every == 0 or done == cfg.steps):
+            rate = (done - start_step) / (time.perf_counter() - t0)
+            log.info("step %d/%d  loss %.4f  lr %.2e  %.2f it/s", done, cfg.steps, loss,
+                     opt.param_groups[0]["lr"], rate)
+        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+            save(done)
+    save(cfg.steps)
+    return losses
+
+
+def trainer_state(step: int, opt, sched) -> dict:
+    return {"step": torch.tensor(step), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict() if sched is not None else {},
+            "torch_rng": torch.get_rng_state()}
+
+
+def load_trainer_state(path: Path, opt, sched) -> int:
+    st = torch.load(path, map_location="cpu", weights_only=True)
+    opt.load_state_dict(st["optimizer"])
+    if sched is not None and st.get("scheduler"):
+        sched.load_state_dict(st["scheduler"])
+    torch.set_rng_state(st["torch_rng"])
+    return int(st["step"])
+
+
+def save_trainer_state(out: Path, state: dict) -> None:
+    tmp = out.with_name(out.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, out)
