@@ -5,6 +5,7 @@
   hiwin make-tiny OUT                                          tiny random checkpoint (official layout)
   hiwin make-data OUT                                          generated images + LLaVA JSON
   hiwin train stage0|stage1|stage2 ...                         the three training stages
+  hiwin bench-vision [--width 1008 --height 672]               vision path at real dims: time, peak RSS
 
 Without ``--model``, ``generate`` uses the embedded tiny model (random weights: the answer is
 noise, but every stage of the real path runs); without ``--image``, a generated 1024x768 page.
@@ -149,6 +150,11 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("-n", type=int, default=12)
     dt.add_argument("--seed", type=int, default=0)
     dt.set_defaults(func=cmd_make_data)
+
+    b = sub.add_parser("bench-vision", help="time + peak RSS of the vision path at real dims (random weights)",
+                       add_help=False)
+    b.add_argument("rest", nargs=argparse.REMAINDER)
+    b.set_defaults(func=lambda a: __import__("hiwin_model.bench", fromlist=["main"]).main(a.rest))
 
     tr = sub.add_parser("train", help="training stages (multi-GPU: launch with torchrun)")
     tr.add_argument("stage", choices=["stage0", "stage1", "stage2"])
