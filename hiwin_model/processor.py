@@ -59,9 +59,9 @@ class PreparedImage:
 
 
 class HiwinProcessor:
-    def __init__(self, tokenizer, slicing: SliceConfig = SliceConfig(), *, pre_resize: int | None = None):
+    def __init__(self, tokenizer, slicing: SliceConfig | None = None, *, pre_resize: int | None = None):
         self.tokenizer = tokenizer
-        self.slicing = slicing
+        self.slicing = slicing or SliceConfig()
         self.pre_resize = pre_resize
         self.ids = resolve_token_ids(tokenizer)
 

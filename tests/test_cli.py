@@ -1,7 +1,6 @@
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 from safetensors.torch import load_file

@@ -124,9 +124,14 @@ def test_bad_generation_inputs(tiny_model, kw, exc, match):
     assert tiny_model.generate(random_image(336, 336), "What?", max_new_tokens=2) is not None  # still usable
 
 
-def test_bf16_model_encodes(tiny_dir):
+@pytest.mark.parametrize("dtype,min_cos", [(torch.bfloat16, 0.999), (torch.float16, 0.9999)])
+def test_reduced_precision_model_encodes_close_to_fp32(tiny_dir, tiny_model, dtype, min_cos):
     from hiwin_model.model import HiwinForCausalLM
 
-    m = HiwinForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16)
-    v = m.encode_image(random_image(500, 300))
-    assert v.dtype == torch.bfloat16 and v.shape == (445, 128) and torch.isfinite(v.float()).all()
+    m = HiwinForCausalLM.from_pretrained(tiny_dir, dtype=dtype)
+    img = random_image(500, 300)
+    v = m.encode_image(img)
+    ref = tiny_model.encode_image(img)
+    assert v.dtype == dtype and v.shape == (445, 128) and torch.isfinite(v.float()).all()
+    cos = torch.nn.functional.cosine_similarity(v.float(), ref, dim=-1)
+    assert cos.min() > min_cos, float(cos.min())

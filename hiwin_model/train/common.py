@@ -130,9 +130,9 @@ def pad_batch(seqs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor
     emb = seqs[0][0].new_zeros(len(seqs), L, C)
     lab = torch.full((len(seqs), L), IGNORE, dtype=torch.long, device=emb.device)
     mask = torch.zeros(len(seqs), L, dtype=torch.long, device=emb.device)
-    for i, (e, l) in enumerate(seqs):
+    for i, (e, lab_i) in enumerate(seqs):
         emb[i, :e.shape[0]] = e
-        lab[i, :l.shape[0]] = l
+        lab[i, :lab_i.shape[0]] = lab_i
         mask[i, :e.shape[0]] = 1
     return emb, mask, lab
 
@@ -218,7 +218,8 @@ def load_trainer_state(path: Path, opt, sched) -> int:
     return int(st["step"])
 
 
-def save_trainer_state(out: Path, state: dict) -> None:
+def atomic_torch_save(obj, out: Path) -> None:
+    """torch.save to a temp file, then rename: a crash never leaves a half-written file."""
     tmp = out.with_name(out.name + ".tmp")
-    torch.save(state, tmp)
+    torch.save(obj, tmp)
     os.replace(tmp, out)

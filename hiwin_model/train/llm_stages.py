@@ -12,7 +12,6 @@ Both resume from ``trainer_state.pt`` in the output directory (``--resume``).
 from __future__ import annotations
 
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +21,8 @@ from torch import nn
 from ..checkpoint import official_state_dict
 from ..conversation import get_template
 from ..model import HiwinForCausalLM, parse_dtype
-from .common import (Dist, LoopConfig, build_sequence, conversation_turns, cosine_with_warmup, load_trainer_state,
-                     pad_batch, read_json_list, run_loop, sample_stream, save_trainer_state, setup_distributed,
+from .common import (LoopConfig, build_sequence, conversation_turns, cosine_with_warmup, load_trainer_state,
+                     pad_batch, read_json_list, run_loop, sample_stream, atomic_torch_save, setup_distributed,
                      trainer_state, wrap_ddp)
 
 log = logging.getLogger("hiwin.train")
@@ -133,13 +132,11 @@ def train_stage(args: StageArgs) -> list[float]:
         out.mkdir(parents=True, exist_ok=True)
         if args.stage == 1:
             sd = {k: v for k, v in official_state_dict(model).items() if k.startswith("model.mm_projector.")}
-            tmp = out / "mm_projector.bin.tmp"
-            torch.save(sd, tmp)
-            os.replace(tmp, out / "mm_projector.bin")
-            save_trainer_state(state_file, trainer_state(step, opt, sched))
+            atomic_torch_save(sd, out / "mm_projector.bin")
+            atomic_torch_save(trainer_state(step, opt, sched), state_file)
         else:
-            model.save_pretrained(out, overwrite=True, extra=lambda tmp: save_trainer_state(
-                tmp / "trainer_state.pt", trainer_state(step, opt, sched)))
+            model.save_pretrained(out, overwrite=True, extra=lambda tmp: atomic_torch_save(
+                trainer_state(step, opt, sched), tmp / "trainer_state.pt"))
         log.info("saved step %d to %s", step, out)
 
     return run_loop(step_fn, params, opt, sched, LoopConfig(steps, args.log_every, args.save_every), start, save, d)

@@ -31,7 +31,7 @@ from ..config import HiwinConfig
 from ..image import load_image
 from ..jbu import JBUStack
 from ..vision import VisionTower
-from .common import LoopConfig, run_loop, sample_stream, setup_distributed, wrap_ddp
+from .common import LoopConfig, atomic_torch_save, run_loop, sample_stream, setup_distributed, wrap_ddp
 
 log = logging.getLogger("hiwin.train")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -274,10 +274,8 @@ def train_stage0(args: Stage0Args) -> list[float]:
         if not d.main:
             return
         out.mkdir(parents=True, exist_ok=True)
-        tmp = ckpt.with_name(ckpt.name + ".tmp")
-        torch.save({"state_dict": trainer.checkpoint_state(), "global_step": step,
-                    "optimizer_states": [opt.state_dict()]}, tmp)
-        os.replace(tmp, ckpt)
+        atomic_torch_save({"state_dict": trainer.checkpoint_state(), "global_step": step,
+                           "optimizer_states": [opt.state_dict()]}, ckpt)
         log.info("saved step %d to %s", step, ckpt)
 
     return run_loop(step_fn, params, opt, None, LoopConfig(args.steps, args.log_every, args.save_every), start, save, d)
