@@ -212,6 +212,9 @@ def atomic_directory(final: Path, write: Callable[[Path], None], *, overwrite: b
         raise FileExistsError(f"{final} exists and is not empty (pass overwrite=True to replace it)")
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result is an ordinary directory
     try:
         write(tmp)
         if final.exists():

@@ -59,6 +59,20 @@ def sampling_grid(width: int, height: int) -> tuple[int, int]:
     return best
 
 
+def window_boxes_traced(height, width, grid: int = 12, device=None) -> Tensor:
+    """:func:`window_boxes` for symbolic sizes (export): window edges ``(j * W) / grid`` from the
+    integer product, one correctly rounded float32 division, so the graph derives its windows from
+    its input shapes and reproduces the released float64-then-float32 boxes bit for bit (tested)."""
+    j = torch.arange(grid + 1, device=device, dtype=torch.int64)
+    xe = (j * width).to(torch.float32) / grid  # (grid + 1,) column edges
+    ye = (j * height).to(torch.float32) / grid
+    x1 = xe[:-1][None, :].expand(grid, grid)
+    x2 = xe[1:][None, :].expand(grid, grid)
+    y1 = ye[:-1][:, None].expand(grid, grid)
+    y2 = ye[1:][:, None].expand(grid, grid)
+    return torch.stack([x1, y1, x2, y2], dim=-1).reshape(grid * grid, 4)
+
+
 def window_boxes(height: int, width: int, grid: int = 12) -> Tensor:
     """(grid*grid, 4) float32 windows (x1, y1, x2, y2), row-major, computed like the released code
     (crop extents derived through the same float expressions, then x2 = x1 + w)."""
@@ -135,7 +149,11 @@ class HiwinProjector(nn.Module):
         # shipped bf16 model does, MODEL.md §4.7; a no-op in fp32) and RoI-align runs in at least
         # fp32, then casts back.
         acc = torch.promote_types(f.dtype, torch.float32)
-        boxes = window_boxes(H, W, self.grid).to(device=f.device, dtype=f.dtype).to(acc)
+        if isinstance(H, int) and isinstance(W, int):  # eager: the released float64 arithmetic
+            boxes = window_boxes(H, W, self.grid).to(f.device)
+        else:  # symbolic shapes under export
+            boxes = window_boxes_traced(H, W, self.grid, f.device)
+        boxes = boxes.to(f.dtype).to(acc)
         n = boxes.shape[0]
         idx = torch.arange(B, device=f.device).repeat_interleave(n)
         boxes = boxes.repeat(B, 1)
@@ -157,7 +175,9 @@ class HiwinProjector(nn.Module):
         o = F.scaled_dot_product_attention(qh, kh, vh)  # (N, h, 1, d)
         return F.linear(o.reshape(N, C), self.attn.out_proj.weight, self.attn.out_proj.bias)
 
-    def forward(self, levels: list[Tensor]) -> Tensor:
+    def forward(self, levels: list[Tensor], grid_hw: tuple[int, int] | None = None) -> Tensor:
+        """``grid_hw`` pins the RoI sampling grid (export buckets); by default it is derived from
+        the aspect ratio (:func:`sampling_grid`)."""
         if len(levels) != len(LEVELS):
             raise ValueError(f"expected {len(LEVELS)} feature levels (1x, 2x, 4x), got {len(levels)}")
         B, _, H, W = levels[0].shape
@@ -166,7 +186,8 @@ class HiwinProjector(nn.Module):
             if f.shape[0] != B or f.shape[-2:] != (s * H, s * W):
                 raise ValueError(f"level {LEVELS[i]} has shape {tuple(f.shape)}, expected "
                                  f"({B}, C, {s * H}, {s * W})")
-        grid_hw = sampling_grid(W, H)
+        if grid_hw is None:
+            grid_hw = sampling_grid(W, H)
         kv = [self.level_tokens(f, lv, grid_hw) for f, lv in zip(levels, LEVELS)]
         keys = torch.cat([k for k, _ in kv], dim=1)  # (B*n, 3*oh*ow, C)
         values = torch.cat([v for _, v in kv], dim=1)

@@ -128,3 +128,15 @@ def test_bad_levels():
         p([torch.randn(1, 8, 2, 2)])
     with pytest.raises(ValueError, match="level 4x"):
         p([torch.randn(1, 8, 2, 2), torch.randn(1, 8, 4, 4), torch.randn(1, 8, 9, 8)])
+
+
+def test_traced_windows_are_bit_identical_to_the_released_boxes():
+    import random
+
+    from hiwin_model.projector import window_boxes_traced
+
+    rng = random.Random(0)
+    pairs = [(h, w) for h in range(2, 40) for w in range(2, 40)]
+    pairs += [(rng.randint(2, 1024), rng.randint(2, 1024)) for _ in range(1500)]
+    bad = [(h, w) for h, w in pairs if not torch.equal(window_boxes(h, w), window_boxes_traced(h, w))]
+    assert bad == []

@@ -1,0 +1,102 @@
+"""``hiwin-export``: ONNX export of the vision graphs and their parity check.
+
+  hiwin-export export --model DIR --out EXPORT_DIR [--graphs vit,jbu,...] [--overwrite]
+  hiwin-export parity --model DIR --export EXPORT_DIR [--report-dir DIR] [--quick]
+
+Without ``--model`` the embedded tiny model is used (no network). ``parity`` exits 1 when a bound
+is exceeded and writes ``parity.json`` + ``parity.md`` (default: into the export directory's
+``reports/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+log = logging.getLogger("hiwin_export")
+
+
+def _model(path: str | None):
+    from hiwin_model.model import HiwinForCausalLM
+
+    if path:
+        return HiwinForCausalLM.from_pretrained(path)
+    from hiwin_model.tiny import write_tiny_checkpoint
+
+    log.info("no --model: using the embedded tiny model (random weights)")
+    with tempfile.TemporaryDirectory(prefix="hiwin-tiny-") as tmp:
+        return HiwinForCausalLM.from_pretrained(write_tiny_checkpoint(Path(tmp) / "tiny"))
+
+
+def cmd_export(a) -> int:
+    from .export import export_vision
+
+    graphs = a.graphs.split(",") if a.graphs else None
+    mf = export_vision(_model(a.model), a.out, overwrite=a.overwrite, graphs=graphs)
+    print(f"{a.out}: {len(mf['graphs'])} graphs ({', '.join(sorted(mf['graphs']))}), opset {mf['opset']}")
+    return 0
+
+
+def cmd_parity(a) -> int:
+    from .parity import IMAGE_SIZES, RANDOM_GRIDS, Harness, ParityError
+
+    h = Harness(_model(a.model), a.export)
+    grids = RANDOM_GRIDS[:4] if a.quick else RANDOM_GRIDS
+    h.random_cases(grids)
+    if not a.quick or a.images:
+        from hiwin_model.demo import draw_scene
+
+        sizes = IMAGE_SIZES[:3] if a.quick else IMAGE_SIZES
+        imgs = a.images or [draw_scene(w, hh, "circle", "red", f"{w}x{hh}", seed=i) for i, (w, hh) in enumerate(sizes)]
+        h.image_cases(imgs)
+    jp, mp = h.write_report(a.report_dir or Path(a.export) / "reports")
+    print(h.markdown())
+    print(f"reports: {jp}, {mp}")
+    try:
+        h.assert_ok()
+    except ParityError as e:
+        print(f"hiwin-export: parity FAILED: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="hiwin-export", description="LLaVA-UHD v2 ONNX export and parity")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    e = sub.add_parser("export", help="export vit / jbu / hiwin_* graphs (fp32) with a manifest")
+    e.add_argument("--model", help="HF model directory (default: embedded tiny model)")
+    e.add_argument("--out", required=True)
+    e.add_argument("--graphs", help="comma-separated subset, e.g. vit,jbu,hiwin_3x3")
+    e.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+    e.set_defaults(func=cmd_export)
+    p = sub.add_parser("parity", help="compare the graphs with the PyTorch reference (ONNX Runtime)")
+    p.add_argument("--model", help="the HF model directory the graphs were exported from")
+    p.add_argument("--export", required=True)
+    p.add_argument("--report-dir")
+    p.add_argument("--images", nargs="*", help="image files for the real-image cases")
+    p.add_argument("--quick", action="store_true", help="fewer shapes (smoke test)")
+    p.set_defaults(func=cmd_parity)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("onnxscript").setLevel(logging.WARNING)  # its optimizer logs every folded constant
+    from hiwin_model.checkpoint import CheckpointError
+    from hiwin_model.config import ConfigError
+
+    from .manifest import ExportError
+
+    try:
+        return a.func(a)
+    except (ExportError, ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"hiwin-export: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Export the vision graphs to ONNX (fp32): ``torch.onnx.export(dynamo=True)`` per :mod:`.graphs` spec.
+
+* ``hiwin::roi_align`` becomes standard ONNX ``RoiAlign`` (opset 18) with every attribute written:
+  ``mode="avg"``, ``coordinate_transformation_mode="output_half_pixel"`` (torchvision
+  ``aligned=False``), ``sampling_ratio=0`` (adaptive), ``spatial_scale=1``, fp32 inputs.
+* Weights go to external data; the projector buckets share one file (``hiwin.weights``), written
+  once, so seven graphs cost one copy of the projector.
+* Each graph passes the full ``onnx.checker`` and strict shape inference, carries the model config
+  in its metadata, and is listed in ``manifest.json`` with its sha256.
+* The output directory is written atomically (temp dir, then rename): a failed or interrupted
+  export never leaves a mix of old and new files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import logging
+import os
+import platform
+import time
+from pathlib import Path
+
+import onnx
+import torch
+from onnx import TensorProto, numpy_helper
+
+from hiwin_model.checkpoint import atomic_directory
+
+from .graphs import HIWIN_BUCKETS, MAX_BATCH, MAX_PATCHES, MIN_PATCHES, OUTPUT_AXES, GraphSpec, graph_specs
+
+log = logging.getLogger("hiwin_export")
+OPSET = 18  # >= 17 for LayerNormalization, >= 16 for RoiAlign's coordinate_transformation_mode
+EXTERNAL_MIN_BYTES = 1024
+MANIFEST_VERSION = 1
+
+
+def roi_align_to_onnx(input, boxes, batch_idx, output_h: int, output_w: int, spatial_scale: float,
+                      sampling_ratio: int, aligned: bool):
+    """onnxscript translation of ``hiwin::roi_align`` (torchvision semantics) to ``RoiAlign``."""
+    from onnxscript import opset18 as op
+
+    return op.RoiAlign(input, boxes, op.Cast(batch_idx, to=TensorProto.INT64), mode="avg",
+                       output_height=output_h, output_width=output_w,
+                       sampling_ratio=max(int(sampling_ratio), 0), spatial_scale=float(spatial_scale),
+                       coordinate_transformation_mode="half_pixel" if aligned else "output_half_pixel")
+
+
+def _export_one(spec: GraphSpec, model) -> onnx.ModelProto:
+    module = spec.module(model).eval()
+    args = spec.dummy(model)
+    shapes = spec.dynamic_shapes()
+    params = list(inspect.signature(module.forward).parameters)  # map our I/O names onto forward()'s
+    dyn = {p: shapes[n] for p, n in zip(params, spec.inputs)}
+    with torch.no_grad():
+        prog = torch.onnx.export(module, args, None, dynamo=True, input_names=list(spec.inputs),
+                                 output_names=list(spec.outputs), dynamic_shapes=dyn, opset_version=OPSET,
+                                 custom_translation_table={torch.ops.hiwin.roi_align.default: roi_align_to_onnx},
+                                 verbose=False)
+    return prog.model_proto
+
+
+class SharedWeights:
+    """Appends initializers to one external-data file; identical tensors are stored once."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+        self.index: dict[tuple[str, str], tuple[int, int]] = {}
+        self.fh = open(path, "wb")
+
+    def externalize(self, model: onnx.ModelProto) -> None:
+        for t in model.graph.initializer:
+            raw = numpy_helper.to_array(t).tobytes() if not t.HasField("raw_data") else t.raw_data
+            if len(raw) < EXTERNAL_MIN_BYTES:
+                continue
+            key = (t.name, hashlib.sha1(raw).hexdigest())
+            if key not in self.index:
+                pad = (-self.offset) % 64  # aligned offsets allow mmap
+                self.fh.write(b"\0" * pad)
+                self.offset += pad
+                self.fh.write(raw)
+                self.index[key] = (self.offset, len(raw))
+                self.offset += len(raw)
+            off, n = self.index[key]
+            for f in ("raw_data", "float_data", "int32_data", "int64_data", "double_data"):
+                t.ClearField(f)
+            t.data_location = TensorProto.EXTERNAL
+            del t.external_data[:]
+            for k, v in (("location", self.path.name), ("offset", str(off)), ("length", str(n))):
+                e = t.external_data.add()
+                e.key, e.value = k, v
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _io_entry(v: onnx.ValueInfoProto, axes: dict[int, str]) -> dict:
+    tt = v.type.tensor_type
+    dims = [d.dim_param or d.dim_value for d in tt.shape.dim]
+    dtype = onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name
+    return {"name": v.name, "dtype": dtype, "shape": dims,
+            "dynamic_axes": {str(k): s for k, s in axes.items()}}
+
+
+def export_vision(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
+                  graphs: list[str] | None = None) -> dict:
+    """Export every (or the named) vision graph of ``model`` into ``out_dir``; returns the manifest."""
+    specs = [s for s in graph_specs() if graphs is None or s.name in graphs]
+    if not specs:
+        raise ValueError(f"no graphs selected (known: {[s.name for s in graph_specs()]})")
+    cfg_json = json.dumps(model.config.to_dict(), sort_keys=True)
+    manifest: dict = {}
+
+    def write(tmp: Path) -> None:
+        entries = {}
+        shared = {"vit": SharedWeights(tmp / "vit.weights"), "jbu": SharedWeights(tmp / "jbu.weights"),
+                  "hiwin": SharedWeights(tmp / "hiwin.weights")}
+        try:
+            for i, spec in enumerate(specs, 1):
+                t0 = time.perf_counter()
+                log.info("[%d/%d] exporting %s.onnx ...", i, len(specs), spec.name)
+                proto = _export_one(spec, model)
+                proto.metadata_props.add(key="hiwin_config", value=cfg_json)
+                proto.metadata_props.add(key="hiwin_graph", value=spec.name)
+                proto.metadata_props.add(key="hiwin_meta", value=json.dumps(spec.meta))
+                shared[spec.name.split("_")[0]].externalize(proto)
+                path = tmp / f"{spec.name}.onnx"
+                onnx.save_model(proto, str(path))
+                log.info("[%d/%d] %s.onnx exported in %.1f s", i, len(specs), spec.name, time.perf_counter() - t0)
+                entries[spec.name] = proto
+        finally:
+            for s in shared.values():
+                s.close()
+        for name, proto in entries.items():
+            path = tmp / f"{name}.onnx"
+            onnx.checker.check_model(str(path), full_check=True)  # includes strict shape inference
+            spec = next(s for s in specs if s.name == name)
+            all_axes = {**spec.axes, **OUTPUT_AXES}
+            manifest.setdefault("graphs", {})[name] = {
+                "file": path.name, "sha256": sha256(path),
+                "inputs": [_io_entry(v, all_axes.get(v.name, {})) for v in proto.graph.input],
+                "outputs": [_io_entry(v, all_axes.get(v.name, {})) for v in proto.graph.output],
+                **spec.meta}
+        for s in shared.values():
+            if s.index:
+                manifest.setdefault("weights", {})[s.path.name] = {"sha256": sha256(s.path),
+                                                                   "bytes": s.path.stat().st_size}
+            else:
+                s.path.unlink()
+        manifest.update(_manifest_header(model))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+
+    atomic_directory(Path(out_dir), write, overwrite=overwrite)
+    return manifest
+
+
+def _manifest_header(model) -> dict:
+    import onnxruntime
+
+    v = model.config.vision
+    return {
+        "manifest_version": MANIFEST_VERSION, "opset": OPSET, "precision": "fp32",
+        "shape_ranges": {"batch": [1, MAX_BATCH], "patches_per_side": [MIN_PATCHES, MAX_PATCHES],
+                         "patch_size": v.patch_size},
+        "hiwin_buckets": {f"{h}x{w}": f"hiwin_{h}x{w}.onnx" for h, w in HIWIN_BUCKETS},
+        "hiwin_bucket_rule": "sampling_grid(w_patches, h_patches) of hiwin_model.projector: argmin over "
+                             "(w,h) in (4,2),(3,2),(4,3),(3,3),(2,4),(2,3),(3,4) of |ln(W/H) - ln(w/h)|",
+        "config": model.config.to_dict(),
+        "tools": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
+                  "python": platform.python_version()},
+    }

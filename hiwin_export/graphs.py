@@ -1,0 +1,92 @@
+"""Declarative export specs of the three vision graphs (one module, one graph, one parity test each).
+
+| graph | inputs | outputs |
+|---|---|---|
+| ``vit.onnx`` | ``pixel_values`` f32 [batch, 3, 14h, 14w] | ``features`` f32 [batch, Cv, h, w] |
+| ``jbu.onnx`` | ``features`` f32 [batch, Cv, h, w], ``pixel_values`` f32 [batch, 3, 14h, 14w] | ``feat2x`` [batch, Cv, 2h, 2w], ``feat4x`` [batch, Cv, 4h, 4w] |
+| ``hiwin_{oh}x{ow}.onnx`` | ``feat1x`` [batch, Cv, h, w], ``feat2x``, ``feat4x`` | ``tokens`` f32 [batch, 144, C] |
+
+The ViT interpolates its position embeddings in-graph (bicubic ``Resize`` to the input's patch
+grid). The projector's RoI sampling grid (oh, ow) is an attribute of ONNX ``RoiAlign``, so there
+is one projector graph per grid (7 buckets, chosen by the crop's aspect ratio exactly as the
+reference chooses them); all buckets share one external weights file.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import Tensor, nn
+
+from hiwin_model.projector import GRID_CANDIDATES
+
+# Patch-grid range every graph is exported (and checked) for: 2 patches (28 px, what the JBU
+# needs) to 256 patches (3584 px) per side, which covers every crop the slicer produces.
+MIN_PATCHES, MAX_PATCHES, MAX_BATCH = 2, 256, 64
+HIWIN_BUCKETS = tuple((h, w) for w, h in GRID_CANDIDATES)  # (oh, ow)
+
+
+def bucket_name(grid_hw: tuple[int, int]) -> str:
+    return f"hiwin_{grid_hw[0]}x{grid_hw[1]}"
+
+
+class _HiwinBucket(nn.Module):
+    def __init__(self, projector: nn.Module, grid_hw: tuple[int, int]):
+        super().__init__()
+        self.projector, self.grid_hw = projector, grid_hw
+
+    def forward(self, feat1x: Tensor, feat2x: Tensor, feat4x: Tensor) -> Tensor:
+        return self.projector([feat1x, feat2x, feat4x], grid_hw=self.grid_hw)
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    name: str
+    module: Callable[[nn.Module], nn.Module]  # HiwinForCausalLM -> exported module
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+    # per input: axis -> (symbol, multiplier of the patch grid or None for batch)
+    axes: dict[str, dict[int, str]]
+    dummy: Callable[[nn.Module], tuple[Tensor, ...]]
+    meta: dict = field(default_factory=dict)
+
+    def dynamic_shapes(self) -> dict:
+        B = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+        h = torch.export.Dim("h", min=MIN_PATCHES, max=MAX_PATCHES)
+        w = torch.export.Dim("w", min=MIN_PATCHES, max=MAX_PATCHES)
+        sym = {"batch": B, "h": h, "w": w, "2h": 2 * h, "2w": 2 * w, "4h": 4 * h, "4w": 4 * w,
+               "14h": 14 * h, "14w": 14 * w}
+        return {n: {ax: sym[s] for ax, s in self.axes[n].items()} for n in self.inputs}
+
+
+def _pixels(model, h=3, w=2, b=2):
+    return torch.randn(b, 3, model.config.vision.patch_size * h, model.config.vision.patch_size * w)
+
+
+def _feats(model, h=3, w=2, b=2, s=1):
+    return torch.randn(b, model.config.vision.hidden_size, s * h, s * w)
+
+
+def graph_specs() -> list[GraphSpec]:
+    specs = [
+        GraphSpec("vit", lambda m: m.vision_tower, ("pixel_values",), ("features",),
+                  {"pixel_values": {0: "batch", 2: "14h", 3: "14w"}}, lambda m: (_pixels(m),)),
+        GraphSpec("jbu", lambda m: m.jbu, ("features", "pixel_values"), ("feat2x", "feat4x"),
+                  {"features": {0: "batch", 2: "h", 3: "w"}, "pixel_values": {0: "batch", 2: "14h", 3: "14w"}},
+                  lambda m: (_feats(m), _pixels(m))),
+    ]
+    for g in HIWIN_BUCKETS:
+        specs.append(GraphSpec(
+            bucket_name(g), lambda m, g=g: _HiwinBucket(m.projector, g), ("feat1x", "feat2x", "feat4x"), ("tokens",),
+            {"feat1x": {0: "batch", 2: "h", 3: "w"}, "feat2x": {0: "batch", 2: "2h", 3: "2w"},
+             "feat4x": {0: "batch", 2: "4h", 3: "4w"}},
+            lambda m: tuple(_feats(m, s=s) for s in (1, 2, 4)), meta={"sampling_grid": list(g)}))
+    return specs
+
+
+OUTPUT_AXES = {
+    "features": {0: "batch", 2: "h", 3: "w"}, "feat2x": {0: "batch", 2: "2h", 3: "2w"},
+    "feat4x": {0: "batch", 2: "4h", 3: "4w"}, "tokens": {0: "batch"},
+}

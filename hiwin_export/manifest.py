@@ -1,0 +1,101 @@
+"""Reading an export directory back: file integrity (sha256) and input validation.
+
+Everything that runs a graph (parity harness, runtimes) goes through :class:`ExportDir`, so a
+missing or modified file, a wrong input name, rank or dtype, a crop that is not a multiple of the
+patch size or a shape beyond the exported range is a clear :class:`ExportError`, never an
+opaque ONNX Runtime failure.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from hiwin_model.projector import sampling_grid
+
+from .export import sha256
+
+
+class ExportError(ValueError):
+    pass
+
+
+class ExportDir:
+    def __init__(self, path: str | os.PathLike, *, verify: bool = True):
+        self.path = Path(path)
+        mf = self.path / "manifest.json"
+        if not mf.is_file():
+            raise ExportError(f"{self.path}: no manifest.json (not a hiwin export directory)")
+        try:
+            self.manifest = json.loads(mf.read_text())
+        except json.JSONDecodeError as e:
+            raise ExportError(f"{mf}: invalid JSON ({e})") from e
+        if verify:
+            self.verify()
+
+    def verify(self) -> None:
+        """Every graph and weights file exists and matches its sha256."""
+        files = {g["file"]: g["sha256"] for g in self.manifest["graphs"].values()}
+        files.update({k: v["sha256"] for k, v in self.manifest.get("weights", {}).items()})
+        missing = sorted(n for n in files if not (self.path / n).is_file())
+        modified = sorted(n for n, d in files.items() if n not in missing and sha256(self.path / n) != d)
+        problems = [f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"] if missing else []
+        if modified:
+            problems.append(f"{', '.join(modified)} {'was' if len(modified) == 1 else 'were'} modified "
+                            "(sha256 mismatch with manifest.json)")
+        if problems:
+            raise ExportError(f"{self.path}: " + "; ".join(problems))
+
+    @property
+    def graphs(self) -> dict:
+        return self.manifest["graphs"]
+
+    def graph_path(self, name: str) -> Path:
+        if name not in self.graphs:
+            raise ExportError(f"{self.path}: no graph {name!r} (has {sorted(self.graphs)})")
+        return self.path / self.graphs[name]["file"]
+
+    def hiwin_graph_for(self, h: int, w: int) -> str:
+        """Projector bucket of an (h, w)-patch crop: the reference's own sampling-grid rule."""
+        oh, ow = sampling_grid(w, h)
+        return f"hiwin_{oh}x{ow}"
+
+    def check_feeds(self, name: str, feeds: dict[str, np.ndarray]) -> None:
+        g = self.graphs[name] if name in self.graphs else self.graph_path(name)
+        want = {i["name"]: i for i in g["inputs"]}
+        if set(feeds) != set(want):
+            raise ExportError(f"{name}: inputs are {sorted(want)}, got {sorted(feeds)}")
+        lo, hi = self.manifest["shape_ranges"]["patches_per_side"]
+        bmax = self.manifest["shape_ranges"]["batch"][1]
+        p = self.manifest["shape_ranges"]["patch_size"]
+        sizes: dict[str, int] = {}
+        for n, a in feeds.items():
+            spec = want[n]
+            if a.dtype != np.dtype(spec["dtype"]):
+                raise ExportError(f"{name}: input {n!r} must be {spec['dtype']}, got {a.dtype}")
+            if a.ndim != len(spec["shape"]):
+                raise ExportError(f"{name}: input {n!r} must have rank {len(spec['shape'])}, got shape {a.shape}")
+            for ax, dim in enumerate(spec["shape"]):
+                if isinstance(dim, int) and dim and a.shape[ax] != dim:
+                    raise ExportError(f"{name}: input {n!r} axis {ax} must be {dim}, got {a.shape[ax]}")
+            for ax, sym in spec["dynamic_axes"].items():
+                size = a.shape[int(ax)]
+                if sym == "batch":
+                    if not 1 <= size <= bmax:
+                        raise ExportError(f"{name}: batch {size} outside the exported range [1, {bmax}]")
+                    base = size
+                else:
+                    mult = int(sym[:-1]) if sym[:-1] else 1
+                    if size % mult:
+                        what = f"a multiple of the {p}-px patch size" if mult == p else f"a multiple of {mult}"
+                        raise ExportError(f"{name}: input {n!r} axis {ax} is {size}, must be {what}")
+                    base = size // mult
+                    if not lo <= base <= hi:
+                        raise ExportError(f"{name}: {base} patches on axis {ax} of {n!r} is outside the "
+                                          f"exported range [{lo}, {hi}]")
+                key = sym.lstrip("0123456789")
+                if sizes.setdefault(key, base) != base:
+                    raise ExportError(f"{name}: inconsistent sizes for {key!r} across inputs")

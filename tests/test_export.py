@@ -1,0 +1,181 @@
+"""ONNX export of the vision graphs (tiny model): structure, manifest, parity, bad inputs."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import random_image
+from hiwin_export import export as export_mod
+from hiwin_export.export import export_vision
+from hiwin_export.graphs import HIWIN_BUCKETS
+from hiwin_export.manifest import ExportDir, ExportError
+from hiwin_export.parity import Harness, OnnxRunner, error_stats
+
+ALL = ["vit", "jbu"] + [f"hiwin_{h}x{w}" for h, w in HIWIN_BUCKETS]
+
+
+@pytest.fixture(scope="session")
+def exported(tiny_model, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "vision"
+    export_vision(tiny_model, out)
+    return out
+
+
+def test_manifest_and_files(exported):
+    mf = json.loads((exported / "manifest.json").read_text())
+    assert sorted(mf["graphs"]) == sorted(ALL)
+    assert mf["opset"] == 18 and mf["precision"] == "fp32"
+    assert mf["graphs"]["vit"]["inputs"][0]["name"] == "pixel_values"
+    assert [o["name"] for o in mf["graphs"]["jbu"]["outputs"]] == ["feat2x", "feat4x"]
+    assert mf["graphs"]["hiwin_2x3"]["sampling_grid"] == [2, 3]
+    assert set(mf["weights"]) == {"vit.weights", "jbu.weights", "hiwin.weights"}
+    assert mf["config"]["mm_projector_type"] == "adapt_spatial_resampler"
+    assert {"torch", "onnx", "onnxruntime"} <= set(mf["tools"])
+    ExportDir(exported)  # sha256 of every file verifies
+    # the seven projector buckets share one copy of the projector weights
+    n_proj = sum(p.numel() * 4 for n, p in __import__("hiwin_model.tiny", fromlist=["x"]).build_tiny_model()
+                 .projector.named_parameters())
+    assert (exported / "hiwin.weights").stat().st_size < 1.2 * n_proj
+
+
+def test_graphs_are_checker_clean_and_roialign_is_explicit(exported):
+    for name in ALL:
+        path = exported / f"{name}.onnx"
+        onnx.checker.check_model(str(path), full_check=True)
+        m = onnx.load(str(path), load_external_data=False)
+        assert json.loads({p.key: p.value for p in m.metadata_props}["hiwin_config"])["hidden_size"] == 128
+        rois = [n for n in m.graph.node if n.op_type == "RoiAlign"]
+        if name.startswith("hiwin_"):
+            oh, ow = (int(x) for x in name[6:].split("x"))
+            assert len(rois) == 6  # keys and values of three levels
+            for n in rois:
+                a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+                assert a == {"mode": b"avg", "coordinate_transformation_mode": b"output_half_pixel",
+                             "sampling_ratio": 0, "spatial_scale": 1.0, "output_height": oh, "output_width": ow}
+        else:
+            assert not rois
+        assert {o.domain for o in m.opset_import} <= {"", "ai.onnx"}
+        assert dict((o.domain, o.version) for o in m.opset_import)[""] == 18
+
+
+def test_parity_random_and_real_images(tiny_model, exported, tmp_path):
+    h = Harness(tiny_model, exported)
+    h.random_cases()
+    h.image_cases([random_image(w, hh, seed=i) for i, (w, hh) in enumerate(
+        [(1344, 336), (1008, 672), (800, 800), (672, 1008), (336, 1344), (2400, 240), (90, 60)])])
+    s = h.summary()
+    assert set(s) == set(ALL) | {"vision-path"}  # every graph, every bucket, and the whole path
+    h.assert_ok()
+    assert all(v["worst_max_rel"] <= 1e-4 and v["min_cosine"] > 0.999999 for v in s.values())
+    jp, mp = h.write_report(tmp_path)
+    assert json.loads(jp.read_text())["summary"]["vit"]["ok"] and "| vit |" in mp.read_text()
+
+
+def test_parity_catches_a_wrong_graph(tiny_model, exported, tmp_path):
+    """A real defect (graph exported from other weights) must fail the harness."""
+    from hiwin_model.tiny import build_tiny_model
+
+    other = build_tiny_model(seed=5)
+    h = Harness(other, exported)
+    h.random_cases(((24, 24),))
+    with pytest.raises(AssertionError, match="exceed max rel"):
+        h.assert_ok()
+
+
+def test_tampered_or_missing_files(exported, tmp_path):
+    bad = tmp_path / "bad"
+    shutil.copytree(exported, bad)
+    with open(bad / "hiwin.weights", "r+b") as f:
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 1]))
+    with pytest.raises(ExportError, match="hiwin.weights was modified"):
+        ExportDir(bad)
+    (bad / "jbu.onnx").unlink()
+    with pytest.raises(ExportError, match="jbu.onnx is missing"):
+        ExportDir(bad)
+    with pytest.raises(ExportError, match="no manifest.json"):
+        ExportDir(tmp_path)
+
+
+@pytest.mark.parametrize("graph,feeds,match", [
+    ("vit", {"pixel_values": np.zeros((1, 3, 30, 28), np.float32)}, "multiple of the 14-px patch size"),
+    ("vit", {"pixel_values": np.zeros((3, 28, 28), np.float32)}, "must have rank 4"),
+    ("vit", {"pixel_values": np.zeros((1, 3, 28, 28), np.float64)}, "must be float32"),
+    ("vit", {"pixel_values": np.zeros((1, 3, 14, 28), np.float32)}, "outside the exported range"),
+    ("vit", {"pixel_values": np.zeros((1, 3, 14 * 257, 28), np.float32)}, "outside the exported range"),
+    ("vit", {"pixels": np.zeros((1, 3, 28, 28), np.float32)}, "inputs are"),
+    ("jbu", {"features": np.zeros((1, 32, 2, 3), np.float32), "pixel_values": np.zeros((1, 3, 28, 28), np.float32)},
+     "inconsistent sizes"),
+    ("hiwin_3x3", {"feat1x": np.zeros((1, 32, 2, 2), np.float32), "feat2x": np.zeros((1, 32, 4, 4), np.float32),
+                   "feat4x": np.zeros((1, 31, 8, 8), np.float32)}, "axis 1 must be 32"),
+])
+def test_bad_inputs_are_clear_errors(exported, graph, feeds, match):
+    runner = OnnxRunner(ExportDir(exported))
+    with pytest.raises(ExportError, match=match):
+        runner.run(graph, feeds)
+    out = runner.run("vit", {"pixel_values": np.zeros((1, 3, 28, 28), np.float32)})  # still usable
+    assert out["features"].shape == (1, 32, 2, 2)
+
+
+def test_export_is_atomic(tiny_model, exported, tmp_path, monkeypatch):
+    target = tmp_path / "x"
+    shutil.copytree(exported, target)
+    before = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
+    with pytest.raises(FileExistsError):
+        export_vision(tiny_model, target, graphs=["vit"])
+    calls = []
+
+    def fail_second(spec, model):
+        calls.append(spec.name)
+        if len(calls) == 2:
+            raise RuntimeError("exporter crashed")
+        return real(spec, model)
+
+    real = export_mod._export_one
+    monkeypatch.setattr(export_mod, "_export_one", fail_second)
+    with pytest.raises(RuntimeError, match="exporter crashed"):
+        export_vision(tiny_model, target, overwrite=True, graphs=["vit", "jbu"])
+    after = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
+    assert after == before  # no mix of old and new files
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
+
+
+def test_cli_export_and_parity(tiny_dir, tmp_path, capsys):
+    from hiwin_export.cli import main
+
+    out = tmp_path / "e"
+    assert main(["export", "--model", str(tiny_dir), "--out", str(out), "--graphs", "vit,hiwin_3x3,hiwin_2x3"]) == 0
+    assert main(["export", "--model", str(tiny_dir), "--out", str(out), "--graphs", "vit"]) == 2
+    assert "exists and is not empty" in capsys.readouterr().err
+    # parity on the subset: the harness refuses graphs the directory lacks
+    assert main(["parity", "--model", str(tiny_dir), "--export", str(out), "--quick"]) == 2
+    assert "no graph 'jbu'" in capsys.readouterr().err
+
+
+def test_roialign_onnx_matches_torchvision_semantics_on_degenerate_boxes():
+    """ONNX Runtime's RoiAlign vs our op, in isolation, on border and sub-pixel windows."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from hiwin_model.projector import window_boxes
+    from hiwin_model.roi_align import roi_align
+
+    node = helper.make_node("RoiAlign", ["X", "rois", "bi"], ["Y"], mode="avg", output_height=3, output_width=4,
+                            sampling_ratio=0, spatial_scale=1.0, coordinate_transformation_mode="output_half_pixel")
+    g = helper.make_graph([node], "g", [helper.make_tensor_value_info("X", TensorProto.FLOAT, None),
+                                        helper.make_tensor_value_info("rois", TensorProto.FLOAT, None),
+                                        helper.make_tensor_value_info("bi", TensorProto.INT64, None)],
+                          [helper.make_tensor_value_info("Y", TensorProto.FLOAT, None)])
+    sess = ort.InferenceSession(helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)]).SerializeToString())
+    for h, w in [(2, 2), (2, 9), (5, 5), (19, 29), (96, 84)]:
+        x = torch.randn(1, 6, h, w)
+        b = torch.cat([window_boxes(h, w), torch.tensor([[0.0, 0.0, w, h], [w - 0.2, h - 0.2, w + 0.5, h + 0.5]])])
+        ref = roi_align(x, b, (3, 4)).numpy()
+        out = sess.run(None, {"X": x.numpy(), "rois": b.numpy(), "bi": np.zeros(len(b), np.int64)})[0]
+        assert error_stats(ref, out)[1] < 1e-5, (h, w)
