@@ -35,7 +35,8 @@ def cmd_export(a) -> int:
     from .export import export_vision
 
     graphs = a.graphs.split(",") if a.graphs else None
-    mf = export_vision(_model(a.model), a.out, overwrite=a.overwrite, graphs=graphs)
+    mf = export_vision(_model(a.model), a.out, overwrite=a.overwrite, graphs=graphs, bundles=not a.no_bundles,
+                       parity=None if a.parity == "none" else a.parity)
     print(f"{a.out}: {len(mf['graphs'])} graphs ({', '.join(sorted(mf['graphs']))}), opset {mf['opset']}")
     return 0
 
@@ -71,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True)
     e.add_argument("--graphs", help="comma-separated subset, e.g. vit,jbu,hiwin_3x3")
     e.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
+    e.add_argument("--parity", default="quick", choices=["quick", "full", "none"],
+                   help="check the graphs before the directory is put in place (default: quick)")
+    e.add_argument("--no-bundles", action="store_true", help="skip the Polygraphy parity bundles")
     e.set_defaults(func=cmd_export)
     p = sub.add_parser("parity", help="compare the graphs with the PyTorch reference (ONNX Runtime)")
     p.add_argument("--model", help="the HF model directory the graphs were exported from")
@@ -90,9 +94,14 @@ def main(argv: list[str] | None = None) -> int:
     from hiwin_model.config import ConfigError
 
     from .manifest import ExportError
+    from .parity import ParityError
 
     try:
         return a.func(a)
+    except ParityError as e:
+        print(f"hiwin-export: parity FAILED (nothing written; --parity none keeps the graphs): {e}",
+              file=sys.stderr)
+        return 1
     except (ExportError, ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"hiwin-export: error: {e}", file=sys.stderr)
         return 2

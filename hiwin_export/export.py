@@ -112,8 +112,15 @@ def _io_entry(v: onnx.ValueInfoProto, axes: dict[int, str]) -> dict:
 
 
 def export_vision(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
-                  graphs: list[str] | None = None) -> dict:
-    """Export every (or the named) vision graph of ``model`` into ``out_dir``; returns the manifest."""
+                  graphs: list[str] | None = None, bundles: bool = True, parity: str | None = "quick") -> dict:
+    """Export every (or the named) vision graph of ``model`` into ``out_dir``; returns the manifest.
+
+    ``bundles`` writes Polygraphy parity bundles; ``parity`` ("quick", "full" or None) runs the
+    harness on the fresh graphs before the directory is put in place: a graph beyond its bound
+    aborts the export (:class:`~hiwin_export.parity.ParityError`) and nothing is written.
+    """
+    if parity not in (None, "quick", "full"):
+        raise ValueError(f"parity must be 'quick', 'full' or None, got {parity!r}")
     specs = [s for s in graph_specs() if graphs is None or s.name in graphs]
     if not specs:
         raise ValueError(f"no graphs selected (known: {[s.name for s in graph_specs()]})")
@@ -158,9 +165,37 @@ def export_vision(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
                 s.path.unlink()
         manifest.update(_manifest_header(model))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
+        if bundles:
+            from .bundles import write_bundles
+
+            log.info("writing Polygraphy parity bundles ...")
+            manifest["bundles"] = write_bundles(model, tmp, set(entries))
+        if parity:
+            manifest["parity"] = _run_parity(model, tmp, parity, set(entries))
+        (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
     atomic_directory(Path(out_dir), write, overwrite=overwrite)
     return manifest
+
+
+def _run_parity(model, tmp: Path, level: str, graphs: set[str]) -> dict:
+    from hiwin_model.demo import draw_scene
+
+    from .parity import IMAGE_SIZES, RANDOM_GRIDS, Harness
+
+    log.info("parity (%s) against the PyTorch reference ...", level)
+    h = Harness(model, tmp)
+    full = {"vit", "jbu"} <= graphs and all(f"hiwin_{a}x{b}" in graphs for a, b in HIWIN_BUCKETS)
+    if full:
+        h.random_cases()
+        sizes = IMAGE_SIZES if level == "full" else IMAGE_SIZES[1:4]
+        h.image_cases([draw_scene(w, hh, "circle", "red", f"{w}x{hh}", seed=i) for i, (w, hh) in enumerate(sizes)])
+    else:  # a subset export: per-graph random cases only
+        for name in sorted(graphs):
+            h.graph_cases(name)
+    h.write_report(tmp / "reports")
+    h.assert_ok()
+    return {"level": level if full else "subset", **h.summary()}
 
 
 def _manifest_header(model) -> dict:

@@ -129,15 +129,22 @@ class Harness:
 
     # ------------------------------------------------------------------ cases
     def random_cases(self, grids=RANDOM_GRIDS, batch: int = 2) -> None:
+        """Random inputs for the ViT, the JBU and every projector bucket the grids select."""
+        buckets = sorted({self.export.hiwin_graph_for(h, w) for h, w in grids})
+        for name in ["vit", "jbu", *buckets]:
+            self.graph_cases(name, grids, batch)
+
+    def graph_cases(self, graph: str, grids=RANDOM_GRIDS, batch: int = 2) -> None:
+        """Random cases for one graph (projector buckets: the grids that select that bucket)."""
         g = torch.Generator().manual_seed(self.seed)
         c = self.model.config.vision
         for h, w in grids:
+            if graph.startswith("hiwin_") and self.export.hiwin_graph_for(h, w) != graph:
+                continue
             pix = torch.randn(batch, 3, c.patch_size * h, c.patch_size * w, generator=g)
             feats = [torch.randn(batch, c.hidden_size, s * h, s * w, generator=g) for s in (1, 2, 4)]
-            case = f"random {h}x{w} patches, batch {batch}"
-            self.check_graph("vit", case, [pix])
-            self.check_graph("jbu", case, [feats[0], pix])
-            self.check_graph(self.export.hiwin_graph_for(h, w), case, feats)
+            inputs = {"vit": [pix], "jbu": [feats[0], pix]}.get(graph, feats)
+            self.check_graph(graph, f"random {h}x{w} patches, batch {batch}", inputs)
 
     def image_cases(self, images=None, max_slices: int = 9) -> None:
         from hiwin_model.demo import draw_scene

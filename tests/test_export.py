@@ -21,8 +21,39 @@ ALL = ["vit", "jbu"] + [f"hiwin_{h}x{w}" for h, w in HIWIN_BUCKETS]
 @pytest.fixture(scope="session")
 def exported(tiny_model, tmp_path_factory):
     out = tmp_path_factory.mktemp("export") / "vision"
-    export_vision(tiny_model, out)
+    export_vision(tiny_model, out)  # with bundles and the quick parity run
     return out
+
+
+def test_polygraphy_bundle_round_trip(exported):
+    """The real polygraphy CLI verifies a graph against a bundle, no PyTorch involved."""
+    import shutil as sh
+    import subprocess
+
+    if sh.which("polygraphy") is None:
+        pytest.skip("needs the polygraphy CLI (pip install polygraphy)")
+    mf = json.loads((exported / "manifest.json").read_text())
+    assert set(mf["bundles"]) == set(ALL)
+    for d in (mf["bundles"]["vit"][0], mf["bundles"]["hiwin_2x3"][0]):
+        cmd = json.loads((exported / d / "bundle.json").read_text())["onnxrt_command"]
+        r = subprocess.run(cmd.split(), cwd=exported, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+        assert "PASSED" in r.stdout + r.stderr
+    # and it fails when the reference does not match (the check can fail)
+    d = exported / mf["bundles"]["vit"][0]
+    cmd = json.loads((d / "bundle.json").read_text())["onnxrt_command"]
+    from polygraphy.comparator import RunResults
+    from polygraphy.comparator.struct import IterationResult
+
+    rr = RunResults.load(str(d / "reference_outputs.json"))
+    feats = rr[0][1][0]["features"]
+    bad = exported.parent / "bad_ref.json"
+    out = RunResults()
+    out.append(("pytorch-reference", [IterationResult({"features": feats * 1.01}, runner_name="pytorch-reference")]))
+    out.save(str(bad))
+    cmd = cmd.replace(f"{mf['bundles']['vit'][0]}/reference_outputs.json", str(bad))
+    r = subprocess.run(cmd.split(), cwd=exported, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0
 
 
 def test_manifest_and_files(exported):
@@ -35,6 +66,9 @@ def test_manifest_and_files(exported):
     assert set(mf["weights"]) == {"vit.weights", "jbu.weights", "hiwin.weights"}
     assert mf["config"]["mm_projector_type"] == "adapt_spatial_resampler"
     assert {"torch", "onnx", "onnxruntime"} <= set(mf["tools"])
+    assert mf["parity"]["level"] == "quick"
+    assert all(mf["parity"][g]["ok"] and mf["parity"][g]["worst_max_rel"] <= 1e-4 for g in ALL)
+    assert (exported / "reports" / "parity.md").is_file()
     ExportDir(exported)  # sha256 of every file verifies
     # the seven projector buckets share one copy of the projector weights
     n_proj = sum(p.numel() * 4 for n, p in __import__("hiwin_model.tiny", fromlist=["x"]).build_tiny_model()
@@ -140,7 +174,7 @@ def test_export_is_atomic(tiny_model, exported, tmp_path, monkeypatch):
     real = export_mod._export_one
     monkeypatch.setattr(export_mod, "_export_one", fail_second)
     with pytest.raises(RuntimeError, match="exporter crashed"):
-        export_vision(tiny_model, target, overwrite=True, graphs=["vit", "jbu"])
+        export_vision(tiny_model, target, overwrite=True, graphs=["vit", "jbu"], parity=None)
     after = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
     assert after == before  # no mix of old and new files
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
@@ -151,6 +185,8 @@ def test_cli_export_and_parity(tiny_dir, tmp_path, capsys):
 
     out = tmp_path / "e"
     assert main(["export", "--model", str(tiny_dir), "--out", str(out), "--graphs", "vit,hiwin_3x3,hiwin_2x3"]) == 0
+    mf = json.loads((out / "manifest.json").read_text())
+    assert mf["parity"]["level"] == "subset" and set(mf["parity"]) - {"level"} == {"vit", "hiwin_3x3", "hiwin_2x3"}
     assert main(["export", "--model", str(tiny_dir), "--out", str(out), "--graphs", "vit"]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     # parity on the subset: the harness refuses graphs the directory lacks
@@ -179,3 +215,16 @@ def test_roialign_onnx_matches_torchvision_semantics_on_degenerate_boxes():
         ref = roi_align(x, b, (3, 4)).numpy()
         out = sess.run(None, {"X": x.numpy(), "rois": b.numpy(), "bi": np.zeros(len(b), np.int64)})[0]
         assert error_stats(ref, out)[1] < 1e-5, (h, w)
+
+
+def test_export_with_failing_parity_writes_nothing(tiny_model, tmp_path, monkeypatch):
+    """Graphs that do not match the reference (here: exported from other weights) abort the export."""
+    from hiwin_export.parity import ParityError
+    from hiwin_model.tiny import build_tiny_model
+
+    other = build_tiny_model(seed=5)
+    real = export_mod._export_one
+    monkeypatch.setattr(export_mod, "_export_one", lambda spec, model: real(spec, other))
+    with pytest.raises(ParityError, match="exceed max rel"):
+        export_vision(tiny_model, tmp_path / "out", graphs=["vit"], bundles=False)
+    assert list(tmp_path.iterdir()) == []

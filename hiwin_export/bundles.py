@@ -1,0 +1,85 @@
+"""Polygraphy parity bundles: check a graph or engine on the target without PyTorch.
+
+``bundles/<graph>/<h>x<w>/`` holds ``inputs.json`` (Polygraphy's list-of-feed-dicts format, from a
+real generated page preprocessed like the reference) and ``reference_outputs.json`` (a Polygraphy
+``RunResults`` of the PyTorch reference), plus ``bundle.json`` with the exact commands:
+
+    polygraphy run vit.onnx --onnxrt --load-inputs bundles/vit/24x24/inputs.json \\
+        --load-outputs bundles/vit/24x24/reference_outputs.json --check-error-stat max --rtol 0 --atol features:...
+
+``--atol`` per output is the fp32 bound (1e-4) times that output's max |ref|, i.e. the harness's
+"max rel" criterion in Polygraphy's terms. The ``--trt`` command pins the profile to the bundle's
+shapes.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hiwin_model.demo import draw_scene
+from hiwin_model.projector import sampling_grid
+from hiwin_model.slicing import normalize
+
+from .graphs import bucket_name
+
+# One real-content crop shape (h, w patches) per projector bucket; ViT/JBU bundles use all of them.
+BUNDLE_GRIDS = ((24, 24), (19, 29), (29, 19), (16, 32), (32, 16), (18, 24), (24, 18))
+FP32_MAX_REL = 1e-4
+
+
+def _save(graph_dir: Path, feeds: dict[str, np.ndarray], outs: dict[str, np.ndarray], graph_file: str,
+          bound: float) -> dict:
+    from polygraphy.comparator import RunResults
+    from polygraphy.comparator.struct import IterationResult
+    from polygraphy.json import save_json
+
+    graph_dir.mkdir(parents=True, exist_ok=True)
+    save_json([feeds], str(graph_dir / "inputs.json"))
+    rr = RunResults()
+    rr.append(("pytorch-reference", [IterationResult(outs, runner_name="pytorch-reference")]))
+    rr.save(str(graph_dir / "reference_outputs.json"))
+    atol = " ".join(f"{k}:{bound * float(np.abs(v).max()):.6g}" for k, v in outs.items())
+    rel = graph_dir.relative_to(graph_dir.parents[2])
+    common = (f"--load-inputs {rel}/inputs.json --load-outputs {rel}/reference_outputs.json "
+              f"--check-error-stat max --rtol 0 --atol {atol}")
+    shapes = " ".join(f"{k}:[{','.join(map(str, v.shape))}]" for k, v in feeds.items())
+    info = {"graph": graph_file, "inputs": {k: list(v.shape) for k, v in feeds.items()},
+            "outputs": {k: list(v.shape) for k, v in outs.items()},
+            "onnxrt_command": f"polygraphy run {graph_file} --onnxrt {common}",
+            "trt_command": (f"polygraphy run {graph_file} --trt --trt-min-shapes {shapes} --trt-opt-shapes {shapes} "
+                            f"--trt-max-shapes {shapes} {common}")}
+    (graph_dir / "bundle.json").write_text(json.dumps(info, indent=1))
+    return info
+
+
+def write_bundles(model, out_dir: Path, graphs: set[str], bound: float = FP32_MAX_REL) -> dict[str, list[str]]:
+    """Write bundles for the exported ``graphs`` into ``out_dir/bundles``; returns {graph: [dirs]}."""
+    p = model.config.vision.patch_size
+    written: dict[str, list[str]] = {}
+    root = out_dir / "bundles"
+    with torch.no_grad():
+        for i, (h, w) in enumerate(BUNDLE_GRIDS):
+            img = draw_scene(p * w, p * h, ("circle", "square", "triangle")[i % 3], "green", f"bundle {h}x{w}", seed=i)
+            pix = normalize(img)[None]
+            f1 = model.vision_tower(pix)
+            f2, f4 = model.jbu(f1, pix)
+            oh, ow = sampling_grid(w, h)
+            hb = bucket_name((oh, ow))
+            cases = {
+                "vit": ({"pixel_values": pix}, {"features": f1}),
+                "jbu": ({"features": f1, "pixel_values": pix}, {"feat2x": f2, "feat4x": f4}),
+                hb: ({"feat1x": f1, "feat2x": f2, "feat4x": f4},
+                     {"tokens": model.projector([f1, f2, f4], grid_hw=(oh, ow))}),
+            }
+            for g, (feeds, outs) in cases.items():
+                if g not in graphs:
+                    continue
+                d = root / g / f"{h}x{w}"
+                _save(d, {k: v.float().numpy() for k, v in feeds.items()},
+                      {k: v.float().numpy() for k, v in outs.items()}, f"{g}.onnx", bound)
+                written.setdefault(g, []).append(str(d.relative_to(out_dir)))
+    return written
