@@ -36,7 +36,8 @@ def cmd_export(a) -> int:
 
     graphs = a.graphs.split(",") if a.graphs else None
     mf = export_vision(_model(a.model), a.out, overwrite=a.overwrite, graphs=graphs, bundles=not a.no_bundles,
-                       parity=None if a.parity == "none" else a.parity)
+                       parity=None if a.parity == "none" else a.parity,
+                       precisions=("fp32",) if a.no_fp16 else ("fp32", "fp16"))
     print(f"{a.out}: {len(mf['graphs'])} graphs ({', '.join(sorted(mf['graphs']))}), opset {mf['opset']}")
     return 0
 
@@ -44,7 +45,7 @@ def cmd_export(a) -> int:
 def cmd_parity(a) -> int:
     from .parity import IMAGE_SIZES, RANDOM_GRIDS, Harness, ParityError
 
-    h = Harness(_model(a.model), a.export)
+    h = Harness(_model(a.model), a.export, precision=a.precision)
     grids = RANDOM_GRIDS[:4] if a.quick else RANDOM_GRIDS
     h.random_cases(grids)
     if not a.quick or a.images:
@@ -75,6 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--parity", default="quick", choices=["quick", "full", "none"],
                    help="check the graphs before the directory is put in place (default: quick)")
     e.add_argument("--no-bundles", action="store_true", help="skip the Polygraphy parity bundles")
+    e.add_argument("--no-fp16", action="store_true", help="skip the fp16 (strongly typed) variants")
     e.set_defaults(func=cmd_export)
     p = sub.add_parser("parity", help="compare the graphs with the PyTorch reference (ONNX Runtime)")
     p.add_argument("--model", help="the HF model directory the graphs were exported from")
@@ -82,6 +84,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-dir")
     p.add_argument("--images", nargs="*", help="image files for the real-image cases")
     p.add_argument("--quick", action="store_true", help="fewer shapes (smoke test)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     p.set_defaults(func=cmd_parity)
     return ap
 

@@ -33,6 +33,17 @@ from .graphs import HIWIN_BUCKETS, MAX_BATCH, MAX_PATCHES, MIN_PATCHES, OUTPUT_A
 log = logging.getLogger("hiwin_export")
 OPSET = 18  # >= 17 for LayerNormalization, >= 16 for RoiAlign's coordinate_transformation_mode
 EXTERNAL_MIN_BYTES = 1024
+# The fp16 precision policy, in one place: ops that stay fp32 inside the fp16 graphs (explicit
+# Cast nodes around them, so the graphs are strongly typed as TensorRT 11 requires).
+FP16_KEEP_FP32 = {
+    "LayerNormalization": "variance overflows/underflows in fp16 (CLIP, projector LayerNorms)",
+    "Softmax": "attention and the JBU range kernel: fp32 accumulation",
+    "ReduceSum": "JBU kernel normalisation and range logits",
+    "ReduceMean": "statistics",
+    "Exp": "JBU spatial/range temperature",
+    "RoiAlign": "fp16 coordinates are coarse at large maps and the adaptive grid accumulates many samples",
+    "Resize": "bicubic position-embedding interpolation (ViT and projector key positions)",
+}
 MANIFEST_VERSION = 1
 
 
@@ -112,13 +123,16 @@ def _io_entry(v: onnx.ValueInfoProto, axes: dict[int, str]) -> dict:
 
 
 def export_vision(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
-                  graphs: list[str] | None = None, bundles: bool = True, parity: str | None = "quick") -> dict:
+                  graphs: list[str] | None = None, bundles: bool = True, parity: str | None = "quick",
+                  precisions: tuple[str, ...] = ("fp32", "fp16")) -> dict:
     """Export every (or the named) vision graph of ``model`` into ``out_dir``; returns the manifest.
 
     ``bundles`` writes Polygraphy parity bundles; ``parity`` ("quick", "full" or None) runs the
     harness on the fresh graphs before the directory is put in place: a graph beyond its bound
     aborts the export (:class:`~hiwin_export.parity.ParityError`) and nothing is written.
     """
+    if not set(precisions) <= {"fp32", "fp16"} or "fp32" not in precisions:
+        raise ValueError(f"precisions must include fp32 and may add fp16, got {precisions}")
     if parity not in (None, "quick", "full"):
         raise ValueError(f"parity must be 'quick', 'full' or None, got {parity!r}")
     specs = [s for s in graph_specs() if graphs is None or s.name in graphs]
@@ -147,16 +161,20 @@ def export_vision(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
         finally:
             for s in shared.values():
                 s.close()
+        if "fp16" in precisions:
+            fp16_shared: dict[str, SharedWeights] = {}
+            entries.update(_fp16_variants(tmp, entries, fp16_shared))
+            shared.update({f"{k}.fp16": v for k, v in fp16_shared.items()})
         for name, proto in entries.items():
             path = tmp / f"{name}.onnx"
             onnx.checker.check_model(str(path), full_check=True)  # includes strict shape inference
-            spec = next(s for s in specs if s.name == name)
+            spec = next(s for s in specs if s.name == name.split(".")[0])
             all_axes = {**spec.axes, **OUTPUT_AXES}
             manifest.setdefault("graphs", {})[name] = {
                 "file": path.name, "sha256": sha256(path),
                 "inputs": [_io_entry(v, all_axes.get(v.name, {})) for v in proto.graph.input],
                 "outputs": [_io_entry(v, all_axes.get(v.name, {})) for v in proto.graph.output],
-                **spec.meta}
+                "precision": "fp16" if name.endswith(".fp16") else "fp32", **spec.meta}
         for s in shared.values():
             if s.index:
                 manifest.setdefault("weights", {})[s.path.name] = {"sha256": sha256(s.path),
@@ -169,7 +187,7 @@ def export_vision(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
             from .bundles import write_bundles
 
             log.info("writing Polygraphy parity bundles ...")
-            manifest["bundles"] = write_bundles(model, tmp, set(entries))
+            manifest["bundles"] = write_bundles(model, tmp, {n for n in entries if "." not in n})
         if parity:
             manifest["parity"] = _run_parity(model, tmp, parity, set(entries))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
@@ -178,24 +196,125 @@ def export_vision(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
     return manifest
 
 
+def _fp16_variants(tmp: Path, fp32: dict[str, onnx.ModelProto],
+                   fp16_shared: dict[str, SharedWeights]) -> dict[str, onnx.ModelProto]:
+    """``<name>.fp16.onnx``: fp16 compute with :data:`FP16_KEEP_FP32` ops in fp32, fp32 I/O."""
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    out = {}
+    shared = fp16_shared
+    try:
+        for name in fp32:
+            log.info("fp16 variant of %s.onnx ...", name)
+            proto = onnx.load(str(tmp / f"{name}.onnx"))  # with its external weights
+            f16 = convert_float_to_float16(proto, keep_io_types=True, op_block_list=sorted(FP16_KEEP_FP32),
+                                           node_block_list=_roi_box_nodes(proto.graph))
+            _drop_fp16_round_trips(f16.graph)
+            _toposort(f16.graph)  # the converter appends its I/O casts at the end
+            del f16.graph.value_info[:]  # stale fp32 annotations; strict shape inference redoes them
+            fam = name.split("_")[0]
+            if fam not in shared:  # (not setdefault: opening the file truncates it)
+                shared[fam] = SharedWeights(tmp / f"{fam}.fp16.weights")
+            shared[fam].externalize(f16)
+            onnx.save_model(f16, str(tmp / f"{name}.fp16.onnx"))
+            out[f"{name}.fp16"] = f16
+    finally:
+        for s in shared.values():
+            s.close()
+    return out
+
+
+def _roi_box_nodes(graph: onnx.GraphProto) -> list[str]:
+    """Nodes that compute RoiAlign's window boxes (everything upstream of its ``rois`` input).
+
+    They stay fp32 in the fp16 graphs: fp16 window edges move RoI samples across pixel borders,
+    the same defect as the released model's bf16 box rounding (MODEL.md §4.7)."""
+    producer = {o: n for n in graph.node for o in n.output}
+    todo = [n.input[1] for n in graph.node if n.op_type == "RoiAlign"]
+    names: set[str] = set()
+    while todo:
+        n = producer.get(todo.pop())
+        if n is not None and n.name not in names:
+            names.add(n.name)
+            todo.extend(n.input)
+    return sorted(names)
+
+
+def _drop_fp16_round_trips(graph: onnx.GraphProto) -> int:
+    """Remove ``x -> Cast(fp16) -> Cast(fp32)`` pairs the converter puts between two fp32 ops.
+
+    The converter wraps each kept-fp32 op in casts, so a chain of fp32 ops (the RoI box arithmetic,
+    LayerNorm followed by RoiAlign, ...) is rounded to fp16 between every two of its ops. Feeding
+    the fp32 value straight through keeps the chain fp32, as the precision policy intends.
+    """
+    def cast_to(n):
+        return onnx.helper.get_attribute_value(n.attribute[0]) if n.op_type == "Cast" else None
+
+    producer = {o: n for n in graph.node for o in n.output}
+    rename: dict[str, str] = {}
+    for n in graph.node:
+        if cast_to(n) == TensorProto.FLOAT:
+            up = producer.get(n.input[0])
+            if up is not None and cast_to(up) == TensorProto.FLOAT16:
+                rename[n.output[0]] = up.input[0]
+    if not rename:
+        return 0
+    outputs = {o.name for o in graph.output}
+    for n in graph.node:
+        for i, x in enumerate(n.input):
+            if x in rename:
+                n.input[i] = rename[x]
+    keep = [n for n in graph.node if not (n.output and n.output[0] in rename and n.output[0] not in outputs)]
+    used = {x for n in keep for x in n.input} | outputs
+    keep = [n for n in keep if any(o in used for o in n.output) or not n.output]
+    del graph.node[:]
+    graph.node.extend(keep)
+    return len(rename)
+
+
+def _toposort(graph: onnx.GraphProto) -> None:
+    """Reorder ``graph.node`` so every node follows the producers of its inputs (stable)."""
+    known = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
+    pending, ordered = list(graph.node), []
+    while pending:
+        rest = []
+        for n in pending:
+            if all(i in known for i in n.input):
+                ordered.append(n)
+                known.update(n.output)
+            else:
+                rest.append(n)
+        if len(rest) == len(pending):
+            raise ValueError(f"graph {graph.name!r} has a cycle or dangling inputs at {rest[0].name!r}")
+        pending = rest
+    del graph.node[:]
+    graph.node.extend(ordered)
+
+
 def _run_parity(model, tmp: Path, level: str, graphs: set[str]) -> dict:
     from hiwin_model.demo import draw_scene
 
-    from .parity import IMAGE_SIZES, RANDOM_GRIDS, Harness
+    from .parity import IMAGE_SIZES, Harness
 
     log.info("parity (%s) against the PyTorch reference ...", level)
-    h = Harness(model, tmp)
-    full = {"vit", "jbu"} <= graphs and all(f"hiwin_{a}x{b}" in graphs for a, b in HIWIN_BUCKETS)
-    if full:
-        h.random_cases()
-        sizes = IMAGE_SIZES if level == "full" else IMAGE_SIZES[1:4]
-        h.image_cases([draw_scene(w, hh, "circle", "red", f"{w}x{hh}", seed=i) for i, (w, hh) in enumerate(sizes)])
-    else:  # a subset export: per-graph random cases only
-        for name in sorted(graphs):
-            h.graph_cases(name)
-    h.write_report(tmp / "reports")
-    h.assert_ok()
-    return {"level": level if full else "subset", **h.summary()}
+    summary: dict = {}
+    for precision in ("fp32", "fp16"):
+        names = {g.split(".")[0] for g in graphs if (g.endswith(".fp16")) == (precision == "fp16")}
+        if not names:
+            continue
+        h = Harness(model, tmp, precision=precision)
+        full = {"vit", "jbu"} <= names and all(f"hiwin_{a}x{b}" in names for a, b in HIWIN_BUCKETS)
+        if full:
+            h.random_cases()
+            sizes = IMAGE_SIZES if level == "full" else IMAGE_SIZES[1:4]
+            h.image_cases([draw_scene(w, hh, "circle", "red", f"{w}x{hh}", seed=i) for i, (w, hh) in enumerate(sizes)])
+        else:  # a subset export: per-graph random cases only
+            for name in sorted(names):
+                h.graph_cases(name)
+        h.write_report(tmp / "reports")
+        h.assert_ok()
+        summary[precision] = {"level": level if full else "subset", **h.summary()}
+    return summary
 
 
 def _manifest_header(model) -> dict:

@@ -58,7 +58,7 @@ class ExportDir:
             raise ExportError(f"{self.path}: no graph {name!r} (has {sorted(self.graphs)})")
         return self.path / self.graphs[name]["file"]
 
-    def hiwin_graph_for(self, h: int, w: int) -> str:
+    def hiwin_graph_for(self, h: int, w: int) -> str:  # fp32 name; fp16 variants add ".fp16"
         """Projector bucket of an (h, w)-patch crop: the reference's own sampling-grid rule."""
         oh, ow = sampling_grid(w, h)
         return f"hiwin_{oh}x{ow}"

@@ -29,6 +29,7 @@ from .manifest import ExportDir
 log = logging.getLogger("hiwin_export")
 
 FP32_MAX_REL = 1e-4
+FP16_MIN_COSINE = 0.999
 # (h, w) patch grids: every projector bucket, the 2-patch minimum, long thin crops.
 RANDOM_GRIDS = ((24, 24), (19, 29), (29, 19), (16, 32), (32, 16), (18, 24), (24, 18), (2, 2), (2, 9), (40, 7))
 # Full images: aspect ratios 1:4 ... 4:1 and extremes, slice counts 1..9 (max_slices 9).
@@ -49,7 +50,7 @@ class Record:
     max_abs: float
     max_rel: float
     cosine: float
-    bound: float
+    criterion: str
     ok: bool
 
 
@@ -87,16 +88,30 @@ class OnnxRunner:
 
 
 class Harness:
-    def __init__(self, model, export_dir: str | os.PathLike, *, bound: float = FP32_MAX_REL, seed: int = 0):
+    """fp32 graphs must stay within max rel <= 1e-4 of the reference; fp16 graphs (``<name>.fp16``)
+    within cosine >= 0.999 (their max rel is reported too)."""
+
+    def __init__(self, model, export_dir: str | os.PathLike, *, precision: str = "fp32", seed: int = 0):
+        if precision not in ("fp32", "fp16"):
+            raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
         self.model = model.eval()
         self.export = ExportDir(export_dir)
         self.runner = OnnxRunner(self.export)
-        self.bound, self.seed = bound, seed
+        self.precision, self.seed = precision, seed
+        self.suffix = "" if precision == "fp32" else ".fp16"
+        self.criterion = f"max_rel<={FP32_MAX_REL:g}" if precision == "fp32" else f"cosine>={FP16_MIN_COSINE:g}"
         self.records: list[Record] = []
+
+    def _ok(self, max_rel: float, cosine: float, finite: bool) -> bool:
+        good = max_rel <= FP32_MAX_REL if self.precision == "fp32" else cosine >= FP16_MIN_COSINE
+        return bool(good and finite)
+
+    def _run(self, graph: str, feeds):
+        return self.runner.run(graph + self.suffix, feeds)
 
     # ------------------------------------------------------------------ comparisons
     def _compare(self, graph: str, case: str, feeds: dict[str, np.ndarray], ref: dict[str, torch.Tensor]):
-        out = self.runner.run(graph, feeds)
+        out = self._run(graph, feeds)
         if set(out) != set(ref):
             raise ParityError(f"{graph}: outputs {sorted(out)} != reference {sorted(ref)}")
         for name, r in ref.items():
@@ -106,8 +121,8 @@ class Harness:
             if out[name].dtype != np.float32:
                 raise ParityError(f"{graph} [{case}]: {name} is {out[name].dtype}, expected float32")
             a, rel, cos = error_stats(r, out[name])
-            self.records.append(Record(graph, case, name, list(r.shape), a, rel, cos, self.bound,
-                                       bool(rel <= self.bound and np.isfinite(out[name]).all())))
+            self.records.append(Record(graph, case, name, list(r.shape), a, rel, cos, self.criterion,
+                                       self._ok(rel, cos, bool(np.isfinite(out[name]).all()))))
         return out
 
     def _reference(self, graph: str, inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -122,8 +137,8 @@ class Harness:
             return {"tokens": m.projector(inputs, grid_hw=(oh, ow))}
 
     def check_graph(self, graph: str, case: str, inputs: list[torch.Tensor]):
-        self.export.graph_path(graph)  # a clear error if the directory lacks this graph
-        names = [i["name"] for i in self.export.graphs[graph]["inputs"]]
+        self.export.graph_path(graph + self.suffix)  # a clear error if the directory lacks this graph
+        names = [i["name"] for i in self.export.graphs[graph + self.suffix]["inputs"]]
         feeds = {n: t.detach().float().contiguous().numpy() for n, t in zip(names, inputs)}
         return self._compare(graph, case, feeds, self._reference(graph, inputs))
 
@@ -168,8 +183,8 @@ class Harness:
                 bucket = self.export.hiwin_graph_for(h, w)
                 self.check_graph(bucket, case, [rf1, rf2, rf4])
                 # end to end: each graph fed the previous ONNX outputs
-                o2 = self.runner.run("jbu", {"features": f1, "pixel_values": pix.numpy()})
-                tok = self.runner.run(bucket, {"feat1x": f1, "feat2x": o2["feat2x"], "feat4x": o2["feat4x"]})
+                o2 = self._run("jbu", {"features": f1, "pixel_values": pix.numpy()})
+                tok = self._run(bucket, {"feat1x": f1, "feat2x": o2["feat2x"], "feat4x": o2["feat4x"]})
                 for j, i in enumerate(idx):
                     onnx_crops[i] = torch.from_numpy(tok["tokens"][j])
             nl, comma = m.separator_embeddings()
@@ -178,14 +193,14 @@ class Harness:
                 onnx_tokens = layout_image_tokens(torch.stack(onnx_crops), prepared.grid, nl.detach(), comma.detach())
             a, rel, cos = error_stats(ref_tokens.numpy(), onnx_tokens.numpy())
             self.records.append(Record("vision-path", tag, "visual_tokens", list(ref_tokens.shape), a, rel, cos,
-                                       self.bound, bool(rel <= self.bound)))
+                                       self.criterion, self._ok(rel, cos, bool(torch.isfinite(onnx_tokens).all()))))
 
     # ------------------------------------------------------------------ report
     def summary(self) -> dict:
         out: dict = {}
         for r in self.records:
             s = out.setdefault(r.graph, {"cases": 0, "worst_max_rel": 0.0, "worst_max_abs": 0.0,
-                                         "min_cosine": 1.0, "bound": r.bound, "ok": True})
+                                         "min_cosine": 1.0, "criterion": r.criterion, "ok": True})
             s["cases"] += 1
             s["worst_max_rel"] = max(s["worst_max_rel"], r.max_rel)
             s["worst_max_abs"] = max(s["worst_max_abs"], r.max_abs)
@@ -196,27 +211,28 @@ class Harness:
     def write_report(self, out_dir: str | os.PathLike) -> tuple[Path, Path]:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        report = {"precision": "fp32", "bound_max_rel": self.bound, "summary": self.summary(),
+        report = {"precision": self.precision, "criterion": self.criterion, "summary": self.summary(),
                   "records": [asdict(r) for r in self.records]}
-        jp, mp = out / "parity.json", out / "parity.md"
+        jp, mp = out / f"parity{self.suffix}.json", out / f"parity{self.suffix}.md"
         _atomic_write(jp, json.dumps(report, indent=1))
         _atomic_write(mp, self.markdown())
         return jp, mp
 
     def markdown(self) -> str:
-        lines = ["| graph | cases | worst max abs | worst max rel | min cosine | bound (max rel) | ok |",
+        lines = [f"| graph ({self.precision}) | cases | worst max abs | worst max rel | min cosine | criterion | ok |",
                  "|---|---|---|---|---|---|---|"]
         for g, s in self.summary().items():
             lines.append(f"| {g} | {s['cases']} | {s['worst_max_abs']:.3e} | {s['worst_max_rel']:.3e} | "
-                         f"{s['min_cosine']:.9f} | {s['bound']:.0e} | {'yes' if s['ok'] else 'NO'} |")
+                         f"{s['min_cosine']:.9f} | {s['criterion']} | {'yes' if s['ok'] else 'NO'} |")
         return "\n".join(lines) + "\n"
 
     def assert_ok(self) -> None:
         bad = [r for r in self.records if not r.ok]
         if bad:
             worst = max(bad, key=lambda r: r.max_rel)
-            raise ParityError(f"{len(bad)} of {len(self.records)} comparisons exceed max rel {self.bound:.0e}; "
-                              f"worst: {worst.graph} [{worst.case}] {worst.output}: max rel {worst.max_rel:.3e}")
+            raise ParityError(f"{self.precision}: {len(bad)} of {len(self.records)} comparisons fail {self.criterion}; "
+                              f"worst: {worst.graph} [{worst.case}] {worst.output}: max rel {worst.max_rel:.3e}, "
+                              f"cosine {worst.cosine:.6f}")
 
 
 def _atomic_write(path: Path, text: str) -> None:
