@@ -1,7 +1,8 @@
 """``hiwin-export``: ONNX export of the vision graphs and their parity check.
 
   hiwin-export export --model DIR --out EXPORT_DIR [--graphs vit,jbu,...] [--overwrite]
-  hiwin-export parity --model DIR --export EXPORT_DIR [--report-dir DIR] [--quick]
+  hiwin-export parity --model DIR --export EXPORT_DIR [--report-dir DIR] [--quick] [--precision fp16]
+  hiwin-export bench [--sizes 1008x672 336x336] [--repeats 3]
 
 Without ``--model`` the embedded tiny model is used (no network). ``parity`` exits 1 when a bound
 is exceeded and writes ``parity.json`` + ``parity.md`` (default: into the export directory's
@@ -65,6 +66,13 @@ def cmd_parity(a) -> int:
     return 0
 
 
+def cmd_bench(a) -> int:
+    from .bench import run
+
+    print(run(a))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hiwin-export", description="LLaVA-UHD v2 ONNX export and parity")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -86,6 +94,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer shapes (smoke test)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     p.set_defaults(func=cmd_parity)
+    from .bench import add_args
+
+    b = sub.add_parser("bench", help="vision path at real dims: PyTorch eager vs ONNX Runtime, FLOP floor, peak RSS")
+    add_args(b)
+    b.set_defaults(func=cmd_bench)
     return ap
 
 

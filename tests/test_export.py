@@ -262,3 +262,15 @@ def test_export_with_failing_parity_writes_nothing(tiny_model, tmp_path, monkeyp
     with pytest.raises(ParityError, match="fail max_rel"):
         export_vision(tiny_model, tmp_path / "out", graphs=["vit"], bundles=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_bench_workers_and_table(exported):
+    """The benchmark's two backends and its table (tiny dims; the real run is `hiwin-export bench`)."""
+    import argparse
+
+    from hiwin_export.bench import format_table, worker
+
+    res = {b: worker(b, str(exported), [(500, 300)], 1, True, 9) for b in ("torch", "ort")}
+    assert res["torch"]["flops"]["500x300"]["vit"] > 0
+    table = format_table(res, 100.0, argparse.Namespace(tiny=True, repeats=1))
+    assert "| 500x300 (3 crops) | **whole path** |" in table and "peak RSS" in table
