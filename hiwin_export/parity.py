@@ -72,6 +72,11 @@ class OnnxRunner:
         self.export = export
         self.sessions: dict[str, object] = {}
         self.opts = ort.SessionOptions()
+        # Shapes change from call to call (crop grids): the memory-pattern planner cannot reuse its
+        # plan and the CPU arena keeps every peak, so both are off. Measured at real dims on a
+        # 336x336 crop: JBU peak RSS 4175 -> 2132 MiB and 3.5 -> 2.0 s; projector 2530 -> 1646 MiB.
+        self.opts.enable_cpu_mem_arena = False
+        self.opts.enable_mem_pattern = False
         if threads:
             self.opts.intra_op_num_threads = threads
         self.providers = providers or ["CPUExecutionProvider"]
