@@ -238,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(worker(a.worker, a.export, sizes, a.repeats, a.tiny, a.max_slices)))
         return 0
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("onnxscript").setLevel(logging.WARNING)
+    for name in ("onnxscript", "onnx_ir"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     print(run(a))
     return 0
 

@@ -105,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("onnxscript").setLevel(logging.WARNING)  # its optimizer logs every folded constant
+    for name in ("onnxscript", "onnx_ir"):  # their optimizer passes log every folded constant
+        logging.getLogger(name).setLevel(logging.WARNING)
     from hiwin_model.checkpoint import CheckpointError
     from hiwin_model.config import ConfigError
 
