@@ -208,7 +208,7 @@ def _fp16_variants(tmp: Path, fp32: dict[str, onnx.ModelProto],
             log.info("fp16 variant of %s.onnx ...", name)
             proto = onnx.load(str(tmp / f"{name}.onnx"))  # with its external weights
             f16 = convert_float_to_float16(proto, keep_io_types=True, op_block_list=sorted(FP16_KEEP_FP32),
-                                           node_block_list=_roi_box_nodes(proto.graph))
+                                           node_block_list=_shape_derived_nodes(proto.graph))
             _drop_fp16_round_trips(f16.graph)
             _toposort(f16.graph)  # the converter appends its I/O casts at the end
             del f16.graph.value_info[:]  # stale fp32 annotations; strict shape inference redoes them
@@ -224,20 +224,23 @@ def _fp16_variants(tmp: Path, fp32: dict[str, onnx.ModelProto],
     return out
 
 
-def _roi_box_nodes(graph: onnx.GraphProto) -> list[str]:
-    """Nodes that compute RoiAlign's window boxes (everything upstream of its ``rois`` input).
+def _shape_derived_nodes(graph: onnx.GraphProto) -> list[str]:
+    """Nodes whose values depend on input *shapes* and constants only, never on input data: the RoI
+    window boxes, the pooling and bicubic matrices, the key-position interpolation.
 
-    They stay fp32 in the fp16 graphs: fp16 window edges move RoI samples across pixel borders,
-    the same defect as the released model's bf16 box rounding (MODEL.md §4.7)."""
-    producer = {o: n for n in graph.node for o in n.output}
-    todo = [n.input[1] for n in graph.node if n.op_type == "RoiAlign"]
-    names: set[str] = set()
-    while todo:
-        n = producer.get(todo.pop())
-        if n is not None and n.name not in names:
-            names.add(n.name)
-            todo.extend(n.input)
-    return sorted(names)
+    They stay fp32 in the fp16 graphs (TensorRT folds them per profile anyway): fp16 window edges
+    move RoI samples across pixel borders, the same defect as the released model's bf16 box
+    rounding (MODEL.md §4.7), and ONNX ``Range`` has no fp16 at all."""
+    data = {i.name for i in graph.input}
+    names = []
+    for n in graph.node:  # topological order
+        if n.op_type in ("Shape", "Size"):
+            continue
+        if any(i in data for i in n.input):
+            data.update(n.output)
+        else:
+            names.append(n.name)
+    return names
 
 
 def _drop_fp16_round_trips(graph: onnx.GraphProto) -> int:

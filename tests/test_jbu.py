@@ -105,3 +105,14 @@ def test_too_small_is_a_clear_error():
     layer = JBULayer(4)
     with pytest.raises(ValueError, match="too small"):
         layer(torch.randn(1, 4, 1, 1), torch.randn(1, 3, 2, 2))
+
+
+@pytest.mark.parametrize("hw,out", [((24, 24), (48, 48)), ((19, 29), (38, 58)), ((2, 5), (4, 10)),
+                                    ((7, 3), (21, 12)), ((30, 20), (11, 9))])
+def test_bicubic_matrices_equal_torch_interpolate(hw, out):
+    from hiwin_model.jbu import bicubic_resize
+
+    x = torch.randn(2, 5, *hw, dtype=torch.float64)
+    want = F.interpolate(x, out, mode="bicubic", align_corners=False)
+    torch.testing.assert_close(bicubic_resize(x, out), want, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(bicubic_resize(x.float(), out), want.float(), rtol=1e-5, atol=2e-6)
