@@ -161,7 +161,7 @@ def worker(backend: str, export_dir: str, sizes: list[tuple[int, int]], repeats:
         result["images"][key] = {g: [t[g] for t in runs] for g in GRAPHS}
         result["images"][key]["crops"] = sum(b.shape[0] for b in batches)
     result["peak_rss_mib"] = peak_rss_mib()
-    result["weights_mib"] = (sum(p.numel() for p in VisionOnly(cfg).parameters()) * 4 / 2**20
+    result["weights_mib"] = (sum(p.numel() for p in model.parameters()) * 4 / 2**20
                              if backend == "torch" else None)
     return result
 

@@ -64,7 +64,8 @@ class ExportDir:
         return f"hiwin_{oh}x{ow}"
 
     def check_feeds(self, name: str, feeds: dict[str, np.ndarray]) -> None:
-        g = self.graphs[name] if name in self.graphs else self.graph_path(name)
+        self.graph_path(name)  # a clear error for an unknown graph
+        g = self.graphs[name]
         want = {i["name"]: i for i in g["inputs"]}
         if set(feeds) != set(want):
             raise ExportError(f"{name}: inputs are {sorted(want)}, got {sorted(feeds)}")

@@ -92,6 +92,13 @@ def cmd_make_data(args) -> int:
     return 0
 
 
+def cmd_bench_vision(args) -> int:
+    from .bench import main as bench_main
+
+    argv = ["--width", str(args.width), "--height", str(args.height), "--max-slices", str(args.max_slices)]
+    return bench_main(argv + (["--threads", str(args.threads)] if args.threads else []))
+
+
 def cmd_train(args) -> int:
     if args.stage == "stage0":
         from .train.stage0 import Stage0Args, train_stage0
@@ -151,10 +158,12 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--seed", type=int, default=0)
     dt.set_defaults(func=cmd_make_data)
 
-    b = sub.add_parser("bench-vision", help="time + peak RSS of the vision path at real dims (random weights)",
-                       add_help=False)
-    b.add_argument("rest", nargs=argparse.REMAINDER)
-    b.set_defaults(func=lambda a: __import__("hiwin_model.bench", fromlist=["main"]).main(a.rest))
+    b = sub.add_parser("bench-vision", help="time + peak RSS of the vision path at real dims (random weights)")
+    b.add_argument("--width", type=int, default=1008)
+    b.add_argument("--height", type=int, default=672)
+    b.add_argument("--max-slices", type=int, default=9)
+    b.add_argument("--threads", type=int, default=None)
+    b.set_defaults(func=cmd_bench_vision)
 
     tr = sub.add_parser("train", help="training stages (multi-GPU: launch with torchrun)")
     tr.add_argument("stage", choices=["stage0", "stage1", "stage2"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -33,7 +35,7 @@ def random_image(w: int, h: int, seed: int = 0) -> Image.Image:
     return Image.fromarray(np.clip(np.asarray(img, np.int16) + noise, 0, 255).astype(np.uint8))
 
 
-OFFICIAL_KEYS = __import__("pathlib").Path(__file__).with_name("data") / "official_keys.tsv"
+OFFICIAL_KEYS = Path(__file__).with_name("data") / "official_keys.tsv"
 
 
 def official_keys() -> dict[str, tuple[tuple[int, ...], str]]:

@@ -75,8 +75,9 @@ def test_manifest_and_files(exported):
     assert (exported / "reports" / "parity.md").is_file()
     ExportDir(exported)  # sha256 of every file verifies
     # the seven projector buckets share one copy of the projector weights
-    n_proj = sum(p.numel() * 4 for n, p in __import__("hiwin_model.tiny", fromlist=["x"]).build_tiny_model()
-                 .projector.named_parameters())
+    from hiwin_model.tiny import build_tiny_model
+
+    n_proj = sum(p.numel() * 4 for p in build_tiny_model().projector.parameters())
     assert (exported / "hiwin.weights").stat().st_size < 1.2 * n_proj
 
 
