@@ -182,11 +182,11 @@ def run(a) -> str:
     with tempfile.TemporaryDirectory(prefix="hiwin-bench-") as tmp:
         export_dir = a.export
         if export_dir is None:
-            from .export import export_vision
+            from .export import export_model
 
             log.info("exporting the %s vision graphs (fp32, random weights) ...", "tiny" if a.tiny else "real-size")
             export_dir = str(Path(tmp) / "graphs")
-            export_vision(VisionOnly(_real_config(a.tiny)), export_dir, bundles=False, parity=None,
+            export_model(VisionOnly(_real_config(a.tiny)), export_dir, bundles=False, parity=None,
                           precisions=("fp32",))
         gemm = gemm_gflops()
         res = {b: _run_child(b, export_dir, a) for b in ("torch", "ort")}

@@ -1,12 +1,13 @@
-"""``hiwin-export``: ONNX export of the vision graphs and their parity check.
+"""``hiwin-export``: ONNX export, parity check, runtime and benchmarks.
 
-  hiwin-export export --model DIR --out EXPORT_DIR [--graphs vit,jbu,...] [--overwrite]
+  hiwin-export export --model DIR --out EXPORT_DIR [--graphs vit,jbu,llm,...] [--overwrite]
   hiwin-export parity --model DIR --export EXPORT_DIR [--report-dir DIR] [--quick] [--precision fp16]
-  hiwin-export bench [--sizes 1008x672 336x336] [--repeats 3]
+  hiwin-export run --model EXPORT_DIR --image FILE --prompt TEXT     answer (streamed), ONNX Runtime
+  hiwin-export bench [--sizes 1008x672 336x336] [--repeats 3] [--e2e tiny real-width]
 
-Without ``--model`` the embedded tiny model is used (no network). ``parity`` exits 1 when a bound
-is exceeded and writes ``parity.json`` + ``parity.md`` (default: into the export directory's
-``reports/``).
+Without ``--model`` the embedded tiny model is used (no network; ``run`` exports it to a temporary
+directory first). ``parity`` exits 1 when a bound is exceeded and writes ``parity.json`` +
+``parity.md`` (default: into the export directory's ``reports/``).
 """
 
 from __future__ import annotations
@@ -33,13 +34,48 @@ def _model(path: str | None):
 
 
 def cmd_export(a) -> int:
-    from .export import export_vision
+    from .export import export_model
 
     graphs = a.graphs.split(",") if a.graphs else None
-    mf = export_vision(_model(a.model), a.out, overwrite=a.overwrite, graphs=graphs, bundles=not a.no_bundles,
+    mf = export_model(_model(a.model), a.out, overwrite=a.overwrite, graphs=graphs, bundles=not a.no_bundles,
                        parity=None if a.parity == "none" else a.parity,
                        precisions=("fp32",) if a.no_fp16 else ("fp32", "fp16"))
     print(f"{a.out}: {len(mf['graphs'])} graphs ({', '.join(sorted(mf['graphs']))}), opset {mf['opset']}")
+    return 0
+
+
+def cmd_run(a) -> int:
+    from hiwin_model.demo import demo_image
+
+    from .runtime import Pipeline
+
+    settings = dict(max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0,
+                    temperature=a.temperature if a.temperature > 0 else 1.0, top_p=a.top_p, seed=a.seed,
+                    max_slices=a.max_slices, template=a.template)
+    image = a.image if a.image else demo_image()
+    with tempfile.TemporaryDirectory(prefix="hiwin-run-") as tmp:
+        path = a.model
+        if path is None:
+            from .export import export_model
+
+            log.info("no --model: exporting the embedded tiny model (random weights; the answer is noise) ...")
+            path = str(Path(tmp) / "export")
+            export_model(_model(None), path, bundles=False, parity="quick", precisions=("fp32",))
+        kw = {} if a.backend == "torch" else {"precision": a.precision}
+        pipe = Pipeline.load(path, backend=a.backend, **kw)
+        log.info("backend: %s", pipe.backend.name)
+
+        def on_text(t: str) -> None:
+            sys.stdout.write(t)
+            sys.stdout.flush()
+
+        ans = pipe.generate(image, a.prompt, on_text=on_text, **settings)
+    sys.stdout.write("\n")
+    t = ans.timings
+    print(f"[{pipe.backend.name}] {ans.visual_tokens} visual + {ans.prompt_tokens - ans.visual_tokens} text "
+          f"prompt tokens; {len(ans.token_ids)} new tokens ({ans.finish_reason}); vision {t['vision_s']:.2f} s, "
+          f"prefill {t['prefill_s']:.2f} s, time to first token {t['ttft_s']:.2f} s, decode "
+          f"{ans.decode_tokens_per_s:.1f} tokens/s", file=sys.stderr)
     return 0
 
 
@@ -94,6 +130,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true", help="fewer shapes (smoke test)")
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     p.set_defaults(func=cmd_parity)
+    r = sub.add_parser("run", help="answer a question about an image from an export directory (streamed)")
+    r.add_argument("--model", help="export directory (ONNX Runtime) or HF model directory (PyTorch); "
+                                    "default: the embedded tiny model, exported on the fly")
+    r.add_argument("--image", help="image file (default: a generated 1024x768 page)")
+    r.add_argument("--prompt", default="What is in the image?")
+    r.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch"])
+    r.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="which exported graphs (ORT)")
+    r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--max-slices", type=int, default=None)
+    r.add_argument("--template", default=None, choices=["vicuna_v1", "plain"])
+    r.set_defaults(func=cmd_run)
     from .bench import add_args
 
     b = sub.add_parser("bench", help="vision path at real dims: PyTorch eager vs ONNX Runtime, FLOP floor, peak RSS")
@@ -110,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     from hiwin_model.checkpoint import CheckpointError
     from hiwin_model.config import ConfigError
 
+    from hiwin_model.image import ImageError
+
     from .manifest import ExportError
     from .parity import ParityError
 
@@ -119,7 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hiwin-export: parity FAILED (nothing written; --parity none keeps the graphs): {e}",
               file=sys.stderr)
         return 1
-    except (ExportError, ConfigError, CheckpointError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (ExportError, ConfigError, CheckpointError, ImageError, FileNotFoundError, FileExistsError,
+            ValueError) as e:
         print(f"hiwin-export: error: {e}", file=sys.stderr)
         return 2
 

@@ -43,6 +43,7 @@ FP16_KEEP_FP32 = {
     "Exp": "JBU spatial/range temperature",
     "RoiAlign": "fp16 coordinates are coarse at large maps and the adaptive grid accumulates many samples",
     "Resize": "bicubic position-embedding interpolation (ViT and projector key positions)",
+    "Pow": "RMSNorm squares: Llama activations reach 1e3, whose square overflows fp16",
 }
 MANIFEST_VERSION = 1
 
@@ -62,8 +63,11 @@ def _export_one(spec: GraphSpec, model) -> onnx.ModelProto:
     module = spec.module(model).eval()
     args = spec.dummy(model)
     shapes = spec.dynamic_shapes()
-    params = list(inspect.signature(module.forward).parameters)  # map our I/O names onto forward()'s
-    dyn = {p: shapes[n] for p, n in zip(params, spec.inputs)}
+    if spec.export_shapes is not None:  # already keyed by forward() parameter
+        dyn = shapes
+    else:  # map our I/O names onto forward()'s
+        params = list(inspect.signature(module.forward).parameters)
+        dyn = {p: shapes[n] for p, n in zip(params, spec.inputs)}
     with torch.no_grad():
         prog = torch.onnx.export(module, args, None, dynamo=True, input_names=list(spec.inputs),
                                  output_names=list(spec.outputs), dynamic_shapes=dyn, opset_version=OPSET,
@@ -122,29 +126,35 @@ def _io_entry(v: onnx.ValueInfoProto, axes: dict[int, str]) -> dict:
             "dynamic_axes": {str(k): s for k, s in axes.items()}}
 
 
-def export_vision(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
-                  graphs: list[str] | None = None, bundles: bool = True, parity: str | None = "quick",
-                  precisions: tuple[str, ...] = ("fp32", "fp16")) -> dict:
-    """Export every (or the named) vision graph of ``model`` into ``out_dir``; returns the manifest.
+def export_model(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
+                 graphs: list[str] | None = None, bundles: bool = True, parity: str | None = "quick",
+                 precisions: tuple[str, ...] = ("fp32", "fp16")) -> dict:
+    """Export every (or the named) graph of ``model`` into ``out_dir``; returns the manifest.
 
-    ``bundles`` writes Polygraphy parity bundles; ``parity`` ("quick", "full" or None) runs the
-    harness on the fresh graphs before the directory is put in place: a graph beyond its bound
-    aborts the export (:class:`~hiwin_export.parity.ParityError`) and nothing is written.
+    Vision graphs always; the ``embed`` and ``llm`` graphs, the tokenizer and the runtime facts
+    (``manifest["language"]``) when ``model`` has its LLM. ``bundles`` writes Polygraphy parity
+    bundles; ``parity`` ("quick", "full" or None) runs the harness on the fresh graphs before the
+    directory is put in place: a graph beyond its bound aborts the export
+    (:class:`~hiwin_export.parity.ParityError`) and nothing is written.
     """
+    from .language import language_manifest, language_specs
+
     if not set(precisions) <= {"fp32", "fp16"} or "fp32" not in precisions:
         raise ValueError(f"precisions must include fp32 and may add fp16, got {precisions}")
     if parity not in (None, "quick", "full"):
         raise ValueError(f"parity must be 'quick', 'full' or None, got {parity!r}")
-    specs = [s for s in graph_specs() if graphs is None or s.name in graphs]
-    if not specs:
-        raise ValueError(f"no graphs selected (known: {[s.name for s in graph_specs()]})")
+    known = graph_specs() + language_specs(model)
+    specs = [s for s in known if graphs is None or s.name in graphs]
+    unknown = sorted(set(graphs or ()) - {s.name for s in known})
+    if unknown or not specs:
+        raise ValueError(f"unknown graphs {unknown} (known: {[s.name for s in known]})" if unknown
+                         else f"no graphs selected (known: {[s.name for s in known]})")
     cfg_json = json.dumps(model.config.to_dict(), sort_keys=True)
     manifest: dict = {}
 
     def write(tmp: Path) -> None:
         entries = {}
-        shared = {"vit": SharedWeights(tmp / "vit.weights"), "jbu": SharedWeights(tmp / "jbu.weights"),
-                  "hiwin": SharedWeights(tmp / "hiwin.weights")}
+        shared: dict[str, SharedWeights] = {}
         try:
             for i, spec in enumerate(specs, 1):
                 t0 = time.perf_counter()
@@ -153,7 +163,10 @@ def export_vision(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
                 proto.metadata_props.add(key="hiwin_config", value=cfg_json)
                 proto.metadata_props.add(key="hiwin_graph", value=spec.name)
                 proto.metadata_props.add(key="hiwin_meta", value=json.dumps(spec.meta))
-                shared[spec.name.split("_")[0]].externalize(proto)
+                fam = _family(spec.name)
+                if fam not in shared:  # (not setdefault: opening the file truncates it)
+                    shared[fam] = SharedWeights(tmp / f"{fam}.weights")
+                shared[fam].externalize(proto)
                 path = tmp / f"{spec.name}.onnx"
                 onnx.save_model(proto, str(path))
                 log.info("[%d/%d] %s.onnx exported in %.1f s", i, len(specs), spec.name, time.perf_counter() - t0)
@@ -169,31 +182,42 @@ def export_vision(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
             path = tmp / f"{name}.onnx"
             onnx.checker.check_model(str(path), full_check=True)  # includes strict shape inference
             spec = next(s for s in specs if s.name == name.split(".")[0])
-            all_axes = {**spec.axes, **OUTPUT_AXES}
+            all_axes = {**spec.axes, **OUTPUT_AXES, **spec.output_axes}
             manifest.setdefault("graphs", {})[name] = {
-                "file": path.name, "sha256": sha256(path),
+                "file": path.name, "sha256": sha256(path), "kind": spec.kind,
                 "inputs": [_io_entry(v, all_axes.get(v.name, {})) for v in proto.graph.input],
                 "outputs": [_io_entry(v, all_axes.get(v.name, {})) for v in proto.graph.output],
                 "precision": "fp16" if name.endswith(".fp16") else "fp32", **spec.meta}
         for s in shared.values():
-            if s.index:
-                manifest.setdefault("weights", {})[s.path.name] = {"sha256": sha256(s.path),
-                                                                   "bytes": s.path.stat().st_size}
-            else:
-                s.path.unlink()
+            manifest.setdefault("weights", {})[s.path.name] = {"sha256": sha256(s.path),
+                                                               "bytes": s.path.stat().st_size}
         manifest.update(_manifest_header(model))
+        if any(s.kind == "language" for s in specs):
+            manifest["language"] = language_manifest(model)
+            if model.processor is not None:
+                tok_dir = tmp / manifest["language"]["tokenizer"]
+                model.processor.tokenizer.save_pretrained(str(tok_dir))
+                manifest["files"] = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tok_dir.rglob("*"))
+                                     if p.is_file()}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         if bundles:
             from .bundles import write_bundles
 
-            log.info("writing Polygraphy parity bundles ...")
-            manifest["bundles"] = write_bundles(model, tmp, {n for n in entries if "." not in n})
+            vision = {n for n in entries if "." not in n and _family(n) in ("vit", "jbu", "hiwin")}
+            if vision:
+                log.info("writing Polygraphy parity bundles ...")
+                manifest["bundles"] = write_bundles(model, tmp, vision)
         if parity:
             manifest["parity"] = _run_parity(model, tmp, parity, set(entries))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
     atomic_directory(Path(out_dir), write, overwrite=overwrite)
     return manifest
+
+
+def _family(graph: str) -> str:
+    """Graphs of one family share one external weights file (``hiwin_3x3`` -> ``hiwin``)."""
+    return graph.split(".")[0].split("_")[0]
 
 
 def _fp16_variants(tmp: Path, fp32: dict[str, onnx.ModelProto],
@@ -212,7 +236,7 @@ def _fp16_variants(tmp: Path, fp32: dict[str, onnx.ModelProto],
             _drop_fp16_round_trips(f16.graph)
             _toposort(f16.graph)  # the converter appends its I/O casts at the end
             del f16.graph.value_info[:]  # stale fp32 annotations; strict shape inference redoes them
-            fam = name.split("_")[0]
+            fam = _family(name)
             if fam not in shared:  # (not setdefault: opening the file truncates it)
                 shared[fam] = SharedWeights(tmp / f"{fam}.fp16.weights")
             shared[fam].externalize(f16)
@@ -225,13 +249,16 @@ def _fp16_variants(tmp: Path, fp32: dict[str, onnx.ModelProto],
 
 
 def _shape_derived_nodes(graph: onnx.GraphProto) -> list[str]:
-    """Nodes whose values depend on input *shapes* and constants only, never on input data: the RoI
-    window boxes, the pooling and bicubic matrices, the key-position interpolation.
+    """Nodes whose values depend on input *shapes*, integer inputs and constants only, never on
+    float input data: the RoI window boxes, the pooling and bicubic matrices, the key-position
+    interpolation; in the decoder, the rotary cos/sin of ``position_ids`` and the attention mask.
 
-    They stay fp32 in the fp16 graphs (TensorRT folds them per profile anyway): fp16 window edges
-    move RoI samples across pixel borders, the same defect as the released model's bf16 box
-    rounding (MODEL.md §4.7), and ONNX ``Range`` has no fp16 at all."""
-    data = {i.name for i in graph.input}
+    They stay fp32 in the fp16 graphs (TensorRT folds the shape-only ones per profile anyway):
+    fp16 window edges move RoI samples across pixel borders, the same defect as the released
+    model's bf16 box rounding (MODEL.md §4.7); fp16 positions are not even integers beyond 2048,
+    and ONNX ``Range`` has no fp16 at all."""
+    floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+    data = {i.name for i in graph.input if i.type.tensor_type.elem_type in floats}
     names = []
     for n in graph.node:  # topological order
         if n.op_type in ("Shape", "Size"):
@@ -306,14 +333,18 @@ def _run_parity(model, tmp: Path, level: str, graphs: set[str]) -> dict:
         if not names:
             continue
         h = Harness(model, tmp, precision=precision)
-        full = {"vit", "jbu"} <= names and all(f"hiwin_{a}x{b}" in names for a, b in HIWIN_BUCKETS)
+        language = names & {"embed", "llm"}
+        vision = names - language
+        full = {"vit", "jbu"} <= vision and all(f"hiwin_{a}x{b}" in vision for a, b in HIWIN_BUCKETS)
         if full:
             h.random_cases()
             sizes = IMAGE_SIZES if level == "full" else IMAGE_SIZES[1:4]
             h.image_cases([draw_scene(w, hh, "circle", "red", f"{w}x{hh}", seed=i) for i, (w, hh) in enumerate(sizes)])
         else:  # a subset export: per-graph random cases only
-            for name in sorted(names):
+            for name in sorted(vision):
                 h.graph_cases(name)
+        if language:
+            h.language_cases(sorted(language))
         h.write_report(tmp / "reports")
         h.assert_ok()
         summary[precision] = {"level": level if full else "subset", **h.summary()}

@@ -49,10 +49,16 @@ class GraphSpec:
     outputs: tuple[str, ...]
     # per input: axis -> (symbol, multiplier of the patch grid or None for batch)
     axes: dict[str, dict[int, str]]
-    dummy: Callable[[nn.Module], tuple[Tensor, ...]]
+    dummy: Callable[[nn.Module], tuple]
     meta: dict = field(default_factory=dict)
+    kind: str = "vision"  # "vision" (patch-grid axes) or "language" (token axes)
+    # torch.export shapes keyed by forward() parameter (default: derived from ``axes``)
+    export_shapes: Callable[[], dict] | None = None
+    output_axes: dict[str, dict[int, str]] = field(default_factory=dict)
 
     def dynamic_shapes(self) -> dict:
+        if self.export_shapes is not None:
+            return self.export_shapes()
         B = torch.export.Dim("batch", min=1, max=MAX_BATCH)
         h = torch.export.Dim("h", min=MIN_PATCHES, max=MAX_PATCHES)
         w = torch.export.Dim("w", min=MIN_PATCHES, max=MAX_PATCHES)

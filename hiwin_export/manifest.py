@@ -40,6 +40,7 @@ class ExportDir:
         """Every graph and weights file exists and matches its sha256."""
         files = {g["file"]: g["sha256"] for g in self.manifest["graphs"].values()}
         files.update({k: v["sha256"] for k, v in self.manifest.get("weights", {}).items()})
+        files.update(self.manifest.get("files", {}))  # tokenizer
         missing = sorted(n for n in files if not (self.path / n).is_file())
         modified = sorted(n for n, d in files.items() if n not in missing and sha256(self.path / n) != d)
         problems = [f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"] if missing else []
@@ -68,7 +69,11 @@ class ExportDir:
         g = self.graphs[name]
         want = {i["name"]: i for i in g["inputs"]}
         if set(feeds) != set(want):
-            raise ExportError(f"{name}: inputs are {sorted(want)}, got {sorted(feeds)}")
+            missing, extra = sorted(set(want) - set(feeds)), sorted(set(feeds) - set(want))
+            raise ExportError(f"{name}: inputs are {sorted(want)}, got {sorted(feeds)} "
+                              f"(missing {missing}, unexpected {extra})")
+        if g.get("kind") == "language":
+            return self._check_language(name, feeds, want)
         lo, hi = self.manifest["shape_ranges"]["patches_per_side"]
         bmax = self.manifest["shape_ranges"]["batch"][1]
         p = self.manifest["shape_ranges"]["patch_size"]
@@ -100,3 +105,37 @@ class ExportDir:
                 key = sym.lstrip("0123456789")
                 if sizes.setdefault(key, base) != base:
                     raise ExportError(f"{name}: inconsistent sizes for {key!r} across inputs")
+
+    def _check_language(self, name: str, feeds: dict[str, np.ndarray], want: dict) -> None:
+        """Token graphs: dtype, rank and fixed sizes; one batch; mask = past + seq; within the context."""
+        sizes: dict[str, int] = {}
+        for n, a in feeds.items():
+            spec = want[n]
+            if a.dtype != np.dtype(spec["dtype"]):
+                raise ExportError(f"{name}: input {n!r} must be {spec['dtype']}, got {a.dtype}")
+            if a.ndim != len(spec["shape"]):
+                raise ExportError(f"{name}: input {n!r} must have rank {len(spec['shape'])}, got shape {a.shape}")
+            for ax, dim in enumerate(spec["shape"]):
+                if isinstance(dim, int) and dim and a.shape[ax] != dim:
+                    raise ExportError(f"{name}: input {n!r} axis {ax} must be {dim}, got {a.shape[ax]}")
+            for ax, sym in spec["dynamic_axes"].items():
+                if sizes.setdefault(sym, a.shape[int(ax)]) != a.shape[int(ax)]:
+                    raise ExportError(f"{name}: input {n!r} axis {ax} ({sym}) is {a.shape[int(ax)]}, other inputs "
+                                      f"give {sizes[sym]}")
+        bmax = self.manifest["shape_ranges"]["batch"][1]
+        if not 1 <= sizes.get("batch", 1) <= bmax:
+            raise ExportError(f"{name}: batch {sizes['batch']} outside the exported range [1, {bmax}]")
+        if sizes.get("seq", 1) < 1:
+            raise ExportError(f"{name}: empty sequence (seq = 0)")
+        if "total" in sizes and sizes["total"] != sizes.get("past", 0) + sizes["seq"]:
+            raise ExportError(f"{name}: attention_mask covers {sizes['total']} positions, past + seq is "
+                              f"{sizes.get('past', 0)} + {sizes['seq']}")
+        ctx = self.manifest.get("language", {}).get("context_length")
+        if ctx and sizes.get("past", 0) + sizes.get("seq", 0) > ctx:
+            raise ExportError(f"{name}: {sizes.get('past', 0) + sizes['seq']} positions exceed the context of "
+                              f"{ctx} tokens")
+        if "input_ids" in feeds:
+            ids = feeds["input_ids"]
+            vocab = self.manifest["language"]["vocab_size"]
+            if ids.size and (ids.min() < 0 or ids.max() >= vocab):
+                raise ExportError(f"{name}: token ids must be in [0, {vocab}), got [{ids.min()}, {ids.max()}]")

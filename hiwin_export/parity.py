@@ -200,6 +200,44 @@ class Harness:
             self.records.append(Record("vision-path", tag, "visual_tokens", list(ref_tokens.shape), a, rel, cos,
                                        self.criterion, self._ok(rel, cos, bool(torch.isfinite(onnx_tokens).all()))))
 
+    def language_cases(self, graphs=("embed", "llm"), batch: int = 2) -> None:
+        """The token-embedding graph on random ids; the decoder on prefill (empty past), chunked
+        prefill and single-token decode steps, each past being the reference's own presents."""
+        from .language import DecoderWithPast, past_names
+
+        g = torch.Generator().manual_seed(self.seed)
+        llm = self.model.llm
+        cfg = llm.config
+        if "embed" in graphs:
+            for seq in (1, 9):
+                ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+                with torch.no_grad():
+                    ref = {"inputs_embeds": llm.get_input_embeddings()(ids)}
+                self._compare("embed", f"random ids, batch {batch}, seq {seq}", {"input_ids": ids.numpy()}, ref)
+        if "llm" not in graphs:
+            return
+        dec = DecoderWithPast(llm).eval()
+        n = cfg.num_hidden_layers
+        names = past_names(n)
+        past: list[torch.Tensor] | None = None
+        for step, seq in (("prefill", 7), ("chunked prefill", 6), ("decode", 1), ("decode", 1)):
+            P = 0 if past is None else past[0].shape[2]
+            emb = torch.randn(batch, seq, cfg.hidden_size, generator=g)
+            mask = torch.ones(batch, P + seq, dtype=torch.long)
+            pos = torch.arange(P, P + seq).expand(batch, seq).contiguous()
+            if past is None:
+                from .language import kv_shape
+
+                heads, hd = kv_shape(cfg)
+                past = [torch.zeros(batch, heads, 0, hd) for _ in range(2 * n)]
+            with torch.no_grad():
+                outs = dec(emb, mask, pos, past)
+            ref = {"logits": outs[0], **{f"present.{k[len('past_key_values.'):]}": t for k, t in zip(names, outs[1:])}}
+            feeds = {"inputs_embeds": emb.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy(),
+                     **{k: t.numpy() for k, t in zip(names, past)}}
+            self._compare("llm", f"{step}, batch {batch}, past {P}, seq {seq}", feeds, ref)
+            past = list(outs[1:])
+
     # ------------------------------------------------------------------ report
     def summary(self) -> dict:
         out: dict = {}

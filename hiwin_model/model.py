@@ -24,7 +24,7 @@ from .config import HiwinConfig
 from .image import ImageSource
 from .jbu import JBUStack
 from .layout import layout_image_tokens
-from .processor import HiwinProcessor, PreparedImage, stack_group
+from .processor import HiwinProcessor, PreparedImage, TextDeltas, stack_group
 from .projector import HiwinProjector
 from .vision import VisionTower
 
@@ -68,6 +68,11 @@ class HiwinForCausalLM(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.projector.proj.device
+
+    @property
+    def context_length(self) -> int:
+        """Tokens the LLM attends over (prompt + answer): the released ``tokenizer_model_max_length``."""
+        return int(self.config.raw.get("tokenizer_model_max_length", self.llm.config.max_position_embeddings))
 
     # ------------------------------------------------------------------ vision path
     def encode_crops(self, pixels: Tensor) -> Tensor:
@@ -122,6 +127,17 @@ class HiwinForCausalLM(nn.Module):
                  top_p: float = 1.0, seed: int | None = None, max_slices: int | None = None,
                  on_text: Callable[[str], None] | None = None) -> str:
         """Answer ``question`` about ``image``; ``on_text`` receives the answer as it streams."""
+        ids = self.generate_ids(image, question, template=template, max_new_tokens=max_new_tokens,
+                                do_sample=do_sample, temperature=temperature, top_p=top_p, seed=seed,
+                                max_slices=max_slices, on_text=on_text)
+        return self._processor().tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    @torch.no_grad()
+    def generate_ids(self, image: ImageSource, question: str, *, template: str = "vicuna_v1",
+                     max_new_tokens: int = 256, do_sample: bool = False, temperature: float = 1.0,
+                     top_p: float = 1.0, seed: int | None = None, max_slices: int | None = None,
+                     on_text: Callable[[str], None] | None = None) -> list[int]:
+        """The answer's token ids (without the final EOS), by transformers' ``generate``."""
         if max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {max_new_tokens}")
         if do_sample and (temperature <= 0 or not 0 < top_p <= 1):
@@ -131,8 +147,7 @@ class HiwinForCausalLM(nn.Module):
         prompt = proc.prompt(question, template)
         visual = self.encode_image(image, max_slices=max_slices)
         embeds = self.embed_prompt(prompt, visual)
-        limit = int(self.config.raw.get("tokenizer_model_max_length",
-                                        self.llm.config.max_position_embeddings))
+        limit = self.context_length
         if embeds.shape[1] + max_new_tokens > limit:
             raise ValueError(f"prompt of {embeds.shape[1]} tokens (of which {visual.shape[0]} visual) plus "
                              f"max_new_tokens={max_new_tokens} exceeds the context of {limit} tokens")
@@ -149,7 +164,7 @@ class HiwinForCausalLM(nn.Module):
         ids = out[0].tolist()
         if ids and ids[-1] == proc.ids.eos:
             ids = ids[:-1]
-        return proc.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        return ids
 
     def _processor(self) -> HiwinProcessor:
         if self.processor is None:
@@ -251,22 +266,19 @@ class _TextStreamer:
     """transformers streamer that hands decoded text deltas to a callback."""
 
     def __init__(self, tokenizer, on_text: Callable[[str], None]):
-        self.tok, self.on_text = tokenizer, on_text
-        self.ids: list[int] = []
-        self.text = ""
+        self.deltas, self.on_text = TextDeltas(tokenizer), on_text
         self.started = False
 
     def put(self, value: Tensor) -> None:
         if not self.started:  # generate() first reports the prompt ids (empty with inputs_embeds)
             self.started = True
             return
-        self.ids.extend(int(v) for v in value.reshape(-1).tolist())
-        text = self.tok.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # incomplete multi-byte character: wait for more tokens
-            return
-        if len(text) > len(self.text):
-            self.on_text(text[len(self.text):])
-        self.text = text
+        for v in value.reshape(-1).tolist():
+            delta = self.deltas.push(v)
+            if delta:
+                self.on_text(delta)
 
     def end(self) -> None:
-        pass
+        delta = self.deltas.flush()
+        if delta:
+            self.on_text(delta)

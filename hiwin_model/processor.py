@@ -103,5 +103,32 @@ class HiwinProcessor:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
+class TextDeltas:
+    """Token ids in, newly decoded text out: the answer decoded as a whole each time (so merges
+    across tokens are right), holding back an incomplete multi-byte character."""
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(int(token_id))
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):  # incomplete multi-byte character: wait for more tokens
+            return ""
+        delta = text[len(self.text):] if text.startswith(self.text) else ""
+        self.text = text
+        return delta
+
+    def flush(self) -> str:
+        """At the end of the answer: whatever was held back (an incomplete character stays as
+        U+FFFD, as in the decoded answer)."""
+        text = self.tok.decode(self.ids, skip_special_tokens=True)
+        delta = text[len(self.text):] if text.startswith(self.text) else ""
+        self.text = text
+        return delta
+
+
 def stack_group(crops: list[Tensor], idx: list[int]) -> Tensor:
     return torch.stack([crops[i] for i in idx])

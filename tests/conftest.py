@@ -26,6 +26,16 @@ def tiny_model(tiny_dir):
     return HiwinForCausalLM.from_pretrained(tiny_dir)
 
 
+@pytest.fixture(scope="session")
+def exported(tiny_model, tmp_path_factory):
+    """Every graph of the tiny model (vision + language, fp32 + fp16), with bundles and quick parity."""
+    from hiwin_export.export import export_model
+
+    out = tmp_path_factory.mktemp("export") / "tiny-onnx"
+    export_model(tiny_model, out)
+    return out
+
+
 def random_image(w: int, h: int, seed: int = 0) -> Image.Image:
     """Smooth random content (a few blobs) so resizes and JBU see real structure."""
     rng = np.random.default_rng(seed)

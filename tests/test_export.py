@@ -10,20 +10,14 @@ import torch
 
 from conftest import random_image
 from hiwin_export import export as export_mod
-from hiwin_export.export import export_vision
+from hiwin_export.export import export_model
 from hiwin_export.graphs import HIWIN_BUCKETS
 from hiwin_export.manifest import ExportDir, ExportError
 from hiwin_export.parity import Harness, OnnxRunner, error_stats
 
-ALL = ["vit", "jbu"] + [f"hiwin_{h}x{w}" for h, w in HIWIN_BUCKETS]
+VISION = ["vit", "jbu"] + [f"hiwin_{h}x{w}" for h, w in HIWIN_BUCKETS]
+ALL = VISION + ["embed", "llm"]
 ALL16 = [f"{g}.fp16" for g in ALL]
-
-
-@pytest.fixture(scope="session")
-def exported(tiny_model, tmp_path_factory):
-    out = tmp_path_factory.mktemp("export") / "vision"
-    export_vision(tiny_model, out)  # with bundles and the quick parity run
-    return out
 
 
 def test_polygraphy_bundle_round_trip(exported):
@@ -34,7 +28,7 @@ def test_polygraphy_bundle_round_trip(exported):
     if sh.which("polygraphy") is None:
         pytest.skip("needs the polygraphy CLI (pip install polygraphy)")
     mf = json.loads((exported / "manifest.json").read_text())
-    assert set(mf["bundles"]) == set(ALL)
+    assert set(mf["bundles"]) == set(VISION)
     for d in (mf["bundles"]["vit"][0], mf["bundles"]["hiwin_2x3"][0]):
         cmd = json.loads((exported / d / "bundle.json").read_text())["onnxrt_command"]
         r = subprocess.run(cmd.split(), cwd=exported, capture_output=True, text=True, timeout=300)
@@ -65,7 +59,10 @@ def test_manifest_and_files(exported):
     assert mf["graphs"]["vit"]["inputs"][0]["name"] == "pixel_values"
     assert [o["name"] for o in mf["graphs"]["jbu"]["outputs"]] == ["feat2x", "feat4x"]
     assert mf["graphs"]["hiwin_2x3"]["sampling_grid"] == [2, 3]
-    assert set(mf["weights"]) == {f"{f}{p}.weights" for f in ("vit", "jbu", "hiwin") for p in ("", ".fp16")}
+    assert set(mf["weights"]) == {f"{f}{p}.weights" for f in ("vit", "jbu", "hiwin", "embed", "llm")
+                                  for p in ("", ".fp16")}
+    assert {mf["graphs"][g]["kind"] for g in VISION} == {"vision"}
+    assert {mf["graphs"]["llm"]["kind"], mf["graphs"]["embed"]["kind"]} == {"language"}
     assert mf["config"]["mm_projector_type"] == "adapt_spatial_resampler"
     assert {"torch", "onnx", "onnxruntime"} <= set(mf["tools"])
     p32, p16 = mf["parity"]["fp32"], mf["parity"]["fp16"]
@@ -124,8 +121,16 @@ def test_fp16_graphs_follow_the_precision_policy(exported):
     for name in ALL16:
         m = onnx.load(str(exported / f"{name}.onnx"), load_external_data=False)
         types = _tensor_types(m)
+        if name == "embed.fp16":  # a Gather from the fp16 table, cast to fp32 at the output
+            (table,) = [t for t in m.graph.initializer if len(t.dims) == 2]
+            assert table.data_type == onnx.TensorProto.FLOAT16
+            assert types["inputs_embeds"] == onnx.TensorProto.FLOAT
+            continue
         kept = [n for n in m.graph.node if n.op_type in FP16_KEEP_FP32]
         assert kept and all(types[n.output[0]] == onnx.TensorProto.FLOAT for n in kept), name
+        if name == "llm.fp16":  # rotary angles of position_ids: fp16 has no integers beyond 2048
+            trig = [n for n in m.graph.node if n.op_type in ("Cos", "Sin")]
+            assert trig and all(types[n.output[0]] == onnx.TensorProto.FLOAT for n in trig)
         const = set(_shape_derived_nodes(m.graph))  # shape/constant-only arithmetic stays fp32
         mm = [n for n in m.graph.node if n.op_type in ("MatMul", "Gemm") and n.name not in const]
         assert mm and all(types[n.output[0]] == onnx.TensorProto.FLOAT16 for n in mm), name  # data GEMMs: fp16
@@ -144,7 +149,7 @@ def test_parity_random_and_real_images(tiny_model, exported, tmp_path):
     h.image_cases([random_image(w, hh, seed=i) for i, (w, hh) in enumerate(
         [(1344, 336), (1008, 672), (800, 800), (672, 1008), (336, 1344), (2400, 240), (90, 60)])])
     s = h.summary()
-    assert set(s) == set(ALL) | {"vision-path"}  # every graph, every bucket, and the whole path
+    assert set(s) == set(VISION) | {"vision-path"}  # every graph, every bucket, and the whole path
     h.assert_ok()
     assert all(v["worst_max_rel"] <= 1e-4 and v["min_cosine"] > 0.999999 for v in s.values())
     jp, mp = h.write_report(tmp_path)
@@ -204,7 +209,7 @@ def test_export_is_atomic(tiny_model, exported, tmp_path, monkeypatch):
     shutil.copytree(exported, target)
     before = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
     with pytest.raises(FileExistsError):
-        export_vision(tiny_model, target, graphs=["vit"])
+        export_model(tiny_model, target, graphs=["vit"])
     calls = []
 
     def fail_second(spec, model):
@@ -216,7 +221,7 @@ def test_export_is_atomic(tiny_model, exported, tmp_path, monkeypatch):
     real = export_mod._export_one
     monkeypatch.setattr(export_mod, "_export_one", fail_second)
     with pytest.raises(RuntimeError, match="exporter crashed"):
-        export_vision(tiny_model, target, overwrite=True, graphs=["vit", "jbu"], parity=None)
+        export_model(tiny_model, target, overwrite=True, graphs=["vit", "jbu"], parity=None)
     after = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
     assert after == before  # no mix of old and new files
     assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]
@@ -269,7 +274,7 @@ def test_export_with_failing_parity_writes_nothing(tiny_model, tmp_path, monkeyp
     real = export_mod._export_one
     monkeypatch.setattr(export_mod, "_export_one", lambda spec, model: real(spec, other))
     with pytest.raises(ParityError, match="fail max_rel"):
-        export_vision(tiny_model, tmp_path / "out", graphs=["vit"], bundles=False)
+        export_model(tiny_model, tmp_path / "out", graphs=["vit"], bundles=False)
     assert list(tmp_path.iterdir()) == []
 
 
