@@ -1,4 +1,5 @@
-"""``hiwin-export bench``: the vision path at real dimensions, PyTorch eager vs ONNX Runtime (CPU, fp32).
+"""``hiwin-export bench``: the vision path at real dimensions, PyTorch eager vs ONNX Runtime (CPU, fp32);
+with ``--e2e tiny real-width``, the whole pipeline (time to first token, decode tokens/s) instead.
 
 Random weights (seeded, identical in both backends) at the released sizes: CLIP ViT-L/14-336 (23
 blocks), the 1024-channel JBU stack, the 4096-wide projector. Each backend runs in its own child
@@ -179,6 +180,8 @@ def _run_child(backend: str, export_dir: str, a) -> dict:
 
 
 def run(a) -> str:
+    if a.e2e:
+        return run_e2e(a)
     with tempfile.TemporaryDirectory(prefix="hiwin-bench-") as tmp:
         export_dir = a.export
         if export_dir is None:
@@ -220,19 +223,123 @@ def format_table(res: dict, gemm: float, a) -> str:
     return "\n".join(lines)
 
 
+# ---------------------------------------------------------------------------------- end to end
+def e2e_model(kind: str, llm_layers: int = 2, seed: int = 0):
+    """``tiny``: the tiny test model; ``real-width``: released widths everywhere (CLIP ViT-L/14-336,
+    1024-channel JBU, 4096-wide projector and Llama, 11008 MLP, 32 heads, 32000 vocab) with
+    ``llm_layers`` decoder layers instead of 32. Random weights, seeded (same in every process);
+    the tiny byte-level tokenizer (ids beyond it decode to nothing)."""
+    from hiwin_model.config import HiwinConfig
+    from hiwin_model.model import HiwinForCausalLM
+    from hiwin_model.processor import HiwinProcessor
+    from hiwin_model.tiny import TINY_CONFIG, build_tiny_model, build_tokenizer
+
+    if kind == "tiny":
+        return build_tiny_model(seed)
+    if kind != "real-width":
+        raise ValueError(f"unknown configuration {kind!r} (tiny, real-width)")
+    d = {k: v for k, v in TINY_CONFIG.items() if k not in ("hiwin_vision_config", "hiwin_projector_num_heads")}
+    d.update(hidden_size=4096, intermediate_size=11008, num_hidden_layers=llm_layers, num_attention_heads=32,
+             num_key_value_heads=32, mm_hidden_size=1024, vocab_size=32000, bos_token_id=1, eos_token_id=2,
+             pad_token_id=0)
+    torch.manual_seed(seed)
+    model = HiwinForCausalLM(HiwinConfig.from_dict(d)).eval()
+    model.processor = HiwinProcessor(build_tokenizer(), model.config.slicing)
+    return model
+
+
+def e2e_worker(backend: str, path: str, kind: str, llm_layers: int, sizes: list[tuple[int, int]],
+               new_tokens: int, repeats: int) -> dict:
+    """One backend in this process: per image, median TTFT / vision / prefill and decode rate."""
+    from hiwin_model.demo import draw_scene
+
+    from .runtime import Pipeline
+
+    if backend == "torch":
+        pipe = Pipeline.from_model(e2e_model(kind, llm_layers))
+    else:
+        pipe = Pipeline.from_export(path, threads=torch.get_num_threads())
+    out: dict = {"backend": backend, "images": {}}
+    for w, h in sizes:
+        img = draw_scene(w, h, "square", "green", "bench")
+        runs = []
+        for r in range(repeats + 1):  # the first run warms up
+            ans = pipe.generate(img, "What is in the image?", max_new_tokens=new_tokens, ignore_eos=True)
+            if r:
+                runs.append(ans)
+        out["images"][f"{w}x{h}"] = {
+            "prompt_tokens": runs[0].prompt_tokens, "visual_tokens": runs[0].visual_tokens,
+            "new_tokens": len(runs[0].token_ids), "token_ids": runs[0].token_ids,
+            **{k: statistics.median(a.timings[k] for a in runs) for k in ("vision_s", "prefill_s", "ttft_s")},
+            "decode_tok_s": statistics.median(a.decode_tokens_per_s for a in runs)}
+    out["peak_rss_mib"] = peak_rss_mib()
+    return out
+
+
+def run_e2e(a) -> str:
+    lines = [f"end to end (image + question -> {a.new_tokens} new tokens, greedy, EOS ignored), random "
+             f"weights, fp32, CPU ({torch.get_num_threads()} threads); median of {a.repeats}; real-width = "
+             f"released widths, {a.llm_layers} of 32 Llama layers",
+             "", "| config | image | prompt tokens (visual) | backend | vision s | prefill s | TTFT s | "
+                 "decode tok/s | peak RSS MiB | same tokens as PyTorch |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for kind in a.e2e:
+        with tempfile.TemporaryDirectory(prefix="hiwin-bench-e2e-") as tmp:
+            from .export import export_model
+
+            log.info("exporting the %s model (fp32, random weights, no parity run) ...", kind)
+            path = str(Path(tmp) / "export")
+            model = e2e_model(kind, a.llm_layers)
+            export_model(model, path, bundles=False, parity=None, precisions=("fp32",))
+            del model
+            res = {}
+            for b in ("torch", "ort"):
+                cmd = [sys.executable, "-m", "hiwin_export.bench", "--e2e-worker", b, "--export", path,
+                       "--e2e", kind, "--llm-layers", str(a.llm_layers), "--new-tokens", str(a.new_tokens),
+                       "--repeats", str(a.repeats), "--sizes", *a.sizes]
+                log.info("running %s (%s) ...", b, kind)
+                r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+                if r.returncode:
+                    raise RuntimeError(f"{b} worker failed:\n{r.stderr[-4000:]}")
+                res[b] = json.loads(r.stdout.strip().splitlines()[-1])
+        lines += format_e2e(kind, res)
+    return "\n".join(lines)
+
+
+def format_e2e(kind: str, res: dict) -> list[str]:
+    lines = []
+    for img, t in res["torch"]["images"].items():
+        for b, name in (("torch", "PyTorch"), ("ort", "ONNX Runtime")):
+            r = res[b]["images"][img]
+            same = "-" if b == "torch" else ("yes" if r["token_ids"] == t["token_ids"] else "NO")
+            lines.append(f"| {kind} | {img} | {r['prompt_tokens']} ({r['visual_tokens']}) | {name} | "
+                         f"{r['vision_s']:.2f} | {r['prefill_s']:.2f} | {r['ttft_s']:.2f} | "
+                         f"{r['decode_tok_s']:.1f} | {res[b]['peak_rss_mib']:.0f} | {same} |")
+    return lines
+
+
 def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--export", help="existing fp32 export directory (default: export random real-size graphs)")
     p.add_argument("--sizes", nargs="+", default=["1008x672", "336x336"], help="image sizes WxH")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--max-slices", type=int, default=9)
     p.add_argument("--tiny", action="store_true", help="tiny dimensions (smoke test)")
+    p.add_argument("--e2e", nargs="+", choices=["tiny", "real-width"],
+                   help="end-to-end rows instead (time to first token, decode tokens/s) for these configurations")
+    p.add_argument("--llm-layers", type=int, default=2, help="Llama layers of the real-width configuration")
+    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per end-to-end run")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hiwin-export bench", description=__doc__)
     add_args(ap)
     ap.add_argument("--worker", choices=["torch", "ort"], help=argparse.SUPPRESS)
+    ap.add_argument("--e2e-worker", choices=["torch", "ort"], help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.e2e_worker:
+        sizes = [tuple(int(x) for x in s.split("x")) for s in a.sizes]
+        print(json.dumps(e2e_worker(a.e2e_worker, a.export, a.e2e[0], a.llm_layers, sizes, a.new_tokens,
+                                    a.repeats)))
+        return 0
     if a.worker:
         sizes = [tuple(int(x) for x in s.split("x")) for s in a.sizes]
         print(json.dumps(worker(a.worker, a.export, sizes, a.repeats, a.tiny, a.max_slices)))

@@ -85,6 +85,9 @@ def cmd_parity(a) -> int:
     h = Harness(_model(a.model), a.export, precision=a.precision)
     grids = RANDOM_GRIDS[:4] if a.quick else RANDOM_GRIDS
     h.random_cases(grids)
+    language = [g for g in ("embed", "llm") if g in h.export.graphs]
+    if language:
+        h.language_cases(language)
     if not a.quick or a.images:
         from hiwin_model.demo import draw_scene
 

@@ -258,7 +258,8 @@ def _shape_derived_nodes(graph: onnx.GraphProto) -> list[str]:
     model's bf16 box rounding (MODEL.md §4.7); fp16 positions are not even integers beyond 2048,
     and ONNX ``Range`` has no fp16 at all."""
     floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
-    data = {i.name for i in graph.input if i.type.tensor_type.elem_type in floats}
+    # token ids are data too: they select rows of a weight table (the fp16 embedding Gather)
+    data = {i.name for i in graph.input if i.type.tensor_type.elem_type in floats or i.name == "input_ids"}
     names = []
     for n in graph.node:  # topological order
         if n.op_type in ("Shape", "Size"):

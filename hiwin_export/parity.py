@@ -15,8 +15,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -70,7 +72,8 @@ class OnnxRunner:
         import onnxruntime as ort
 
         self.export = export
-        self.sessions: dict[str, object] = {}
+        self.sessions: dict[str, Any] = {}
+        self._lock = threading.Lock()
         self.opts = ort.SessionOptions()
         # Shapes change from call to call (crop grids), so the memory-pattern planner cannot reuse
         # a plan: it is off. The CPU arena stays on (without it every large tensor is an mmap and
@@ -85,10 +88,13 @@ class OnnxRunner:
         import onnxruntime as ort
 
         self.export.check_feeds(name, feeds)
-        if name not in self.sessions:
-            self.sessions[name] = ort.InferenceSession(str(self.export.graph_path(name)), self.opts,
-                                                       providers=self.providers)
-        s = self.sessions[name]
+        s = self.sessions.get(name)
+        if s is None:
+            with self._lock:  # one session per graph even when threads race to the first run
+                s = self.sessions.get(name)
+                if s is None:
+                    s = self.sessions[name] = ort.InferenceSession(str(self.export.graph_path(name)), self.opts,
+                                                                   providers=self.providers)
         return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
 
 

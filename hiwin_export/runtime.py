@@ -26,7 +26,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Generator
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ class GenerationConfig:
     seed: int | None = None
     max_slices: int | None = None
     template: str | None = None  # None: the export's template (vicuna_v1)
+    ignore_eos: bool = False  # benchmarks: always generate max_new_tokens
 
     def validate(self) -> None:
         if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int):
@@ -343,7 +344,7 @@ class Pipeline:
 
     # -------------------------------------------------------------- generation
     def stream(self, image: ImageSource, question: str, *, keep_logits: bool = False,
-               **settings) -> Iterator[str]:
+               **settings) -> Generator[str, None, Answer]:
         """Text deltas of the answer as they are decoded; the generator returns the :class:`Answer`
         (``StopIteration.value``, or use :meth:`generate`). Settings are checked here, at once."""
         try:
@@ -355,7 +356,7 @@ class Pipeline:
         return self._run(image, question, cfg, keep_logits)
 
     def _run(self, image: ImageSource, question: str, cfg: GenerationConfig,
-             keep_logits: bool) -> Iterator[str]:
+             keep_logits: bool) -> Generator[str, None, Answer]:
         with self._slots:
             t0 = time.perf_counter()
             prepared = self.processor.prepare_image(image, max_slices=cfg.max_slices)
@@ -381,7 +382,7 @@ class Pipeline:
                 if keep_logits:
                     kept.append(logits)
                 tok = sample_next(logits, cfg, rng)
-                if tok == eos:
+                if tok == eos and not cfg.ignore_eos:
                     finish = "eos"
                     break
                 ids.append(tok)

@@ -356,3 +356,15 @@ def test_cli_run_streams_the_answer(exported, ort_pipe, tmp_path, capsys):
     assert "directory not found" in capsys.readouterr().err
     assert main(["run", "--model", str(exported), "--image", str(path), "--max-new-tokens", "0"]) == 2
     assert "max_new_tokens must be > 0" in capsys.readouterr().err
+
+
+def test_bench_end_to_end_rows(exported):
+    """The end-to-end benchmark's workers and table (tiny; `hiwin-export bench --e2e` runs both)."""
+    from hiwin_export.bench import e2e_worker, format_e2e
+
+    res = {b: e2e_worker(b, str(exported), "tiny", 2, [(500, 300)], 6, 1) for b in ("torch", "ort")}
+    r = res["ort"]["images"]["500x300"]
+    assert r["new_tokens"] == 6 and r["ttft_s"] > 0 and r["decode_tok_s"] > 0  # EOS ignored: all 6 tokens
+    assert r["visual_tokens"] == res["torch"]["images"]["500x300"]["visual_tokens"]
+    rows = format_e2e("tiny", res)
+    assert len(rows) == 2 and rows[1].startswith("| tiny | 500x300 |") and rows[1].endswith("| yes |")
