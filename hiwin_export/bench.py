@@ -284,13 +284,13 @@ def run_e2e(a) -> str:
                  "decode tok/s | peak RSS MiB | same tokens as PyTorch |", "|---|---|---|---|---|---|---|---|---|---|"]
     for kind in a.e2e:
         with tempfile.TemporaryDirectory(prefix="hiwin-bench-e2e-") as tmp:
-            from .export import export_model
-
             log.info("exporting the %s model (fp32, random weights, no parity run) ...", kind)
             path = str(Path(tmp) / "export")
-            model = e2e_model(kind, a.llm_layers)
-            export_model(model, path, bundles=False, parity=None, precisions=("fp32",))
-            del model
+            # in a child process: the exporter's graph copies of the weights never return to the OS
+            r = subprocess.run([sys.executable, "-m", "hiwin_export.bench", "--e2e-export", path, "--e2e", kind,
+                                "--llm-layers", str(a.llm_layers)], stderr=subprocess.PIPE, text=True)
+            if r.returncode:
+                raise RuntimeError(f"export failed:\n{r.stderr[-4000:]}")
             res = {}
             for b in ("torch", "ort"):
                 cmd = [sys.executable, "-m", "hiwin_export.bench", "--e2e-worker", b, "--export", path,
@@ -334,7 +334,14 @@ def main(argv: list[str] | None = None) -> int:
     add_args(ap)
     ap.add_argument("--worker", choices=["torch", "ort"], help=argparse.SUPPRESS)
     ap.add_argument("--e2e-worker", choices=["torch", "ort"], help=argparse.SUPPRESS)
+    ap.add_argument("--e2e-export", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.e2e_export:
+        from .export import export_model
+
+        export_model(e2e_model(a.e2e[0], a.llm_layers), a.e2e_export, bundles=False, parity=None,
+                     precisions=("fp32",))
+        return 0
     if a.e2e_worker:
         sizes = [tuple(int(x) for x in s.split("x")) for s in a.sizes]
         print(json.dumps(e2e_worker(a.e2e_worker, a.export, a.e2e[0], a.llm_layers, sizes, a.new_tokens,

@@ -80,13 +80,7 @@ class ExportDir:
         sizes: dict[str, int] = {}
         for n, a in feeds.items():
             spec = want[n]
-            if a.dtype != np.dtype(spec["dtype"]):
-                raise ExportError(f"{name}: input {n!r} must be {spec['dtype']}, got {a.dtype}")
-            if a.ndim != len(spec["shape"]):
-                raise ExportError(f"{name}: input {n!r} must have rank {len(spec['shape'])}, got shape {a.shape}")
-            for ax, dim in enumerate(spec["shape"]):
-                if isinstance(dim, int) and dim and a.shape[ax] != dim:
-                    raise ExportError(f"{name}: input {n!r} axis {ax} must be {dim}, got {a.shape[ax]}")
+            _check_static(name, n, a, spec)
             for ax, sym in spec["dynamic_axes"].items():
                 size = a.shape[int(ax)]
                 if sym == "batch":
@@ -111,13 +105,7 @@ class ExportDir:
         sizes: dict[str, int] = {}
         for n, a in feeds.items():
             spec = want[n]
-            if a.dtype != np.dtype(spec["dtype"]):
-                raise ExportError(f"{name}: input {n!r} must be {spec['dtype']}, got {a.dtype}")
-            if a.ndim != len(spec["shape"]):
-                raise ExportError(f"{name}: input {n!r} must have rank {len(spec['shape'])}, got shape {a.shape}")
-            for ax, dim in enumerate(spec["shape"]):
-                if isinstance(dim, int) and dim and a.shape[ax] != dim:
-                    raise ExportError(f"{name}: input {n!r} axis {ax} must be {dim}, got {a.shape[ax]}")
+            _check_static(name, n, a, spec)
             for ax, sym in spec["dynamic_axes"].items():
                 if sizes.setdefault(sym, a.shape[int(ax)]) != a.shape[int(ax)]:
                     raise ExportError(f"{name}: input {n!r} axis {ax} ({sym}) is {a.shape[int(ax)]}, other inputs "
@@ -139,3 +127,14 @@ class ExportDir:
             vocab = self.manifest["language"]["vocab_size"]
             if ids.size and (ids.min() < 0 or ids.max() >= vocab):
                 raise ExportError(f"{name}: token ids must be in [0, {vocab}), got [{ids.min()}, {ids.max()}]")
+
+
+def _check_static(graph: str, name: str, a: np.ndarray, spec: dict) -> None:
+    """dtype, rank and the fixed sizes of one input against its manifest entry."""
+    if a.dtype != np.dtype(spec["dtype"]):
+        raise ExportError(f"{graph}: input {name!r} must be {spec['dtype']}, got {a.dtype}")
+    if a.ndim != len(spec["shape"]):
+        raise ExportError(f"{graph}: input {name!r} must have rank {len(spec['shape'])}, got shape {a.shape}")
+    for ax, dim in enumerate(spec["shape"]):
+        if isinstance(dim, int) and dim and a.shape[ax] != dim:
+            raise ExportError(f"{graph}: input {name!r} axis {ax} must be {dim}, got {a.shape[ax]}")

@@ -104,6 +104,26 @@ class Backend:
         """(1, S, C) embeddings after ``past`` cached positions -> (last position's logits, cache)."""
         raise NotImplementedError
 
+    def prefill(self, pre: list[int], visual: np.ndarray, post: list[int]) -> tuple[np.ndarray, Any]:
+        """The prompt as (token ids before ``<image>``, visual embeddings (T, C), ids after): the
+        form both LLM contracts start from. Embedding-input backends (ONNX, PyTorch) splice the
+        embeddings; a prompt-table backend (TensorRT-LLM, Edge-LLM) would send
+        :func:`prompt_table_ids` and ``visual`` instead."""
+        parts = [self.embed(np.array(pre, np.int64)) if pre else None, visual,
+                 self.embed(np.array(post, np.int64)) if post else None]
+        embeds = np.concatenate([p for p in parts if p is not None]).astype(np.float32)
+        return self.forward(embeds[None], self.empty_cache(), 0)
+
+    def step(self, token: int, cache: Any, past: int) -> tuple[np.ndarray, Any]:
+        """One generated token after ``past`` positions -> (its successor's logits, cache)."""
+        return self.forward(self.embed(np.array([token], np.int64))[None], cache, past)
+
+
+def prompt_table_ids(pre: list[int], num_visual: int, post: list[int], vocab_size: int) -> list[int]:
+    """The prompt-table form of a prompt (TensorRT-LLM's classic multimodal contract, TensorRT
+    Edge-LLM): the visual rows become fake ids ``vocab_size .. vocab_size + T - 1``."""
+    return [*pre, *range(vocab_size, vocab_size + num_visual), *post]
+
 
 class OrtBackend(Backend):
     """The exported graphs on ONNX Runtime; ``precision="fp16"`` uses the ``*.fp16`` graphs."""
@@ -111,7 +131,7 @@ class OrtBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, export: ExportDir, *, precision: str = "fp32", providers: list[str] | None = None,
-                 threads: int | None = None, max_vision_batch: int = 8):
+                 threads: int | None = None, max_vision_batch: int = 8, max_upsample_batch: int = 1):
         from .parity import OnnxRunner
 
         if precision not in ("fp32", "fp16"):
@@ -127,18 +147,25 @@ class OrtBackend(Backend):
         self.lang = lang
         self.hidden_size = lang["hidden_size"]
         self.patch_size = export.manifest["shape_ranges"]["patch_size"]
-        self.max_vision_batch = max_vision_batch
+        if max_vision_batch < 1 or max_upsample_batch < 1:
+            raise ValueError("max_vision_batch and max_upsample_batch must be >= 1")
+        self.max_vision_batch, self.max_upsample_batch = max_vision_batch, max_upsample_batch
         self.past_names = [f"past_key_values.{i}.{kv}" for i in range(lang["num_layers"]) for kv in ("key", "value")]
 
     def encode_crops(self, pixels: np.ndarray) -> np.ndarray:
+        """The ViT in batches of ``max_vision_batch``, the JBU and projector in batches of
+        ``max_upsample_batch`` (default 1, as the reference: their 2x/4x activations dominate
+        memory at real dimensions)."""
         p, s, run = self.patch_size, self.suffix, self.runner.run
         bucket = self.export.hiwin_graph_for(pixels.shape[2] // p, pixels.shape[3] // p)
         out = []
         for i in range(0, pixels.shape[0], self.max_vision_batch):
             x = np.ascontiguousarray(pixels[i:i + self.max_vision_batch])
             f1 = run("vit" + s, {"pixel_values": x})["features"]
-            up = run("jbu" + s, {"features": f1, "pixel_values": x})
-            out.append(run(bucket + s, {"feat1x": f1, "feat2x": up["feat2x"], "feat4x": up["feat4x"]})["tokens"])
+            for j in range(0, x.shape[0], self.max_upsample_batch):
+                xj, fj = x[j:j + self.max_upsample_batch], f1[j:j + self.max_upsample_batch]
+                up = run("jbu" + s, {"features": fj, "pixel_values": xj})
+                out.append(run(bucket + s, {"feat1x": fj, "feat2x": up["feat2x"], "feat4x": up["feat4x"]})["tokens"])
         return np.concatenate(out)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
@@ -241,7 +268,7 @@ class Pipeline:
     @classmethod
     def from_export(cls, path: str | os.PathLike, *, precision: str = "fp32", providers: list[str] | None = None,
                     threads: int | None = None, max_concurrency: int = 4, max_vision_batch: int = 8,
-                    verify: bool = True) -> "Pipeline":
+                    max_upsample_batch: int = 1, verify: bool = True) -> "Pipeline":
         """ONNX Runtime on an export directory (``hiwin-export export``); files are sha256-checked."""
         from transformers import PreTrainedTokenizerFast
 
@@ -252,7 +279,7 @@ class Pipeline:
             raise ExportError(f"{path}: export directory not found")
         export = ExportDir(path, verify=verify)
         backend = OrtBackend(export, precision=precision, providers=providers, threads=threads,
-                             max_vision_batch=max_vision_batch)
+                             max_vision_batch=max_vision_batch, max_upsample_batch=max_upsample_batch)
         lang = export.manifest["language"]
         tok_file = path / lang["tokenizer"] / "tokenizer.json"
         if not tok_file.is_file():
@@ -336,12 +363,6 @@ class Pipeline:
             raise RequestError(str(e)) from None
         return self._tokenizer_call(self.processor.tokenize_around_image, prompt)
 
-    def prompt_embeddings(self, visual: np.ndarray, pre: list[int], post: list[int]) -> np.ndarray:
-        """(L, C): the template's tokens before ``<image>``, the visual tokens, the tokens after."""
-        emb = [self.backend.embed(np.array(pre, np.int64)) if pre else None, visual,
-               self.backend.embed(np.array(post, np.int64)) if post else None]
-        return np.concatenate([e for e in emb if e is not None]).astype(np.float32)
-
     # -------------------------------------------------------------- generation
     def stream(self, image: ImageSource, question: str, *, keep_logits: bool = False,
                **settings) -> Generator[str, None, Answer]:
@@ -369,11 +390,10 @@ class Pipeline:
                                    f"{self.context_length} tokens")
             visual = self.encode_prepared(prepared)
             t_vis = time.perf_counter()
-            embeds = self.prompt_embeddings(visual, pre, post)
             rng = np.random.default_rng(cfg.seed) if cfg.do_sample else None
             eos = self.processor.ids.eos
             deltas = TextDeltas(self.processor.tokenizer)
-            logits, cache = self.backend.forward(embeds[None], self.backend.empty_cache(), 0)
+            logits, cache = self.backend.prefill(pre, visual, post)
             t_first = time.perf_counter()
             ids: list[int] = []
             kept: list[np.ndarray] = []
@@ -391,8 +411,7 @@ class Pipeline:
                     yield delta
                 if step + 1 == cfg.max_new_tokens:
                     break
-                e = self.backend.embed(np.array([tok], np.int64))
-                logits, cache = self.backend.forward(e[None], cache, L + step)
+                logits, cache = self.backend.step(tok, cache, L + step)
             t_end = time.perf_counter()
             rest = self._tokenizer_call(deltas.flush)
             if rest:

@@ -368,3 +368,19 @@ def test_bench_end_to_end_rows(exported):
     assert r["visual_tokens"] == res["torch"]["images"]["500x300"]["visual_tokens"]
     rows = format_e2e("tiny", res)
     assert len(rows) == 2 and rows[1].startswith("| tiny | 500x300 |") and rows[1].endswith("| yes |")
+
+
+def test_prompt_table_form_equals_the_spliced_embeddings(tiny_model, torch_pipe):
+    """TensorRT-LLM / Edge-LLM's contract: fake ids vocab..vocab+T-1 index the visual rows appended
+    to the embedding table; the result is exactly the prompt the embedding backends prefill."""
+    from hiwin_export.runtime import prompt_table_ids
+
+    img = random_image(700, 400, seed=8)
+    visual = torch_pipe.encode_image(img)
+    pre, post = torch_pipe.tokenize(QUESTION)
+    vocab = tiny_model.llm.config.vocab_size
+    ids = prompt_table_ids(pre, len(visual), post, vocab)
+    assert len(ids) == len(pre) + len(visual) + len(post) and max(ids) == vocab + len(visual) - 1
+    table = np.concatenate([tiny_model.llm.get_input_embeddings().weight.detach().numpy(), visual])
+    spliced = np.concatenate([torch_pipe.backend.embed(np.array(pre)), visual, torch_pipe.backend.embed(np.array(post))])
+    np.testing.assert_array_equal(table[ids], spliced)
