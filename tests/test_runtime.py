@@ -384,3 +384,39 @@ def test_prompt_table_form_equals_the_spliced_embeddings(tiny_model, torch_pipe)
     table = np.concatenate([tiny_model.llm.get_input_embeddings().weight.detach().numpy(), visual])
     spliced = np.concatenate([torch_pipe.backend.embed(np.array(pre)), visual, torch_pipe.backend.embed(np.array(post))])
     np.testing.assert_array_equal(table[ids], spliced)
+
+
+def test_cli_run_without_arguments_is_the_main_job(exported, monkeypatch, capsys):
+    """`hiwin-export run` alone: tiny model -> export into a temp dir -> answer about the generated page.
+    (The export itself is replaced by a copy of this session's identical tiny export, which the
+    export tests check; everything after it is the real path.)"""
+    from hiwin_export import export as export_mod
+    from hiwin_export.cli import main
+
+    calls = []
+
+    def fake_export(model, out, **kw):
+        calls.append((model.config.projector.dim, kw))
+        shutil.copytree(exported, out)
+
+    monkeypatch.setattr(export_mod, "export_model", fake_export)
+    assert main(["run", "--max-new-tokens", "5"]) == 0
+    cap = capsys.readouterr()
+    assert calls == [(128, {"bundles": False, "parity": "quick", "precisions": ("fp32",)})]
+    assert "1033 visual + 78 text prompt tokens" in cap.err and "[onnxruntime]" in cap.err
+    assert cap.out.endswith("\n")
+
+
+def test_fp16_graphs_answer_like_the_reference(tiny_model, exported):
+    """The strongly typed fp16 graphs through the same pipeline: logits within cosine 0.999 of the
+    reference (teacher-forced on its greedy tokens) on two aspect ratios."""
+    pipe = Pipeline.from_export(exported, precision="fp16")
+    for size in [(1008, 672), (336, 1344)]:
+        img = random_image(*size, seed=sum(size))
+        ref = tiny_model.generate_ids(img, QUESTION, max_new_tokens=8)
+        ans = pipe.generate(img, QUESTION, max_new_tokens=8, keep_logits=True)
+        n = min(len(ref), len(ans.logits))
+        first_diff = next((i for i, (x, y) in enumerate(zip(ref, ans.token_ids)) if x != y), n)
+        got = np.stack(ans.logits[:first_diff + 1][:n])  # same prefix -> comparable logits
+        _, _, cos = error_stats(_reference_logits(tiny_model, img, QUESTION, ref)[:len(got)], got)
+        assert cos >= 0.999, (size, cos)
