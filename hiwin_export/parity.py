@@ -26,7 +26,7 @@ import torch
 from hiwin_model.layout import layout_image_tokens
 from hiwin_model.processor import stack_group
 
-from .manifest import ExportDir
+from .manifest import ExportDir, ExportError
 
 log = logging.getLogger("hiwin_export")
 
@@ -93,8 +93,12 @@ class OnnxRunner:
             with self._lock:  # one session per graph even when threads race to the first run
                 s = self.sessions.get(name)
                 if s is None:
-                    s = self.sessions[name] = ort.InferenceSession(str(self.export.graph_path(name)), self.opts,
-                                                                   providers=self.providers)
+                    s = ort.InferenceSession(str(self.export.graph_path(name)), self.opts, providers=self.providers)
+                    if s.get_providers()[0] != self.providers[0]:  # ORT falls back silently; we do not
+                        raise ExportError(f"{name}: {self.providers[0]} was requested but ONNX Runtime runs "
+                                          f"{s.get_providers()} (provider unavailable or failed to load; "
+                                          f"available here: {ort.get_available_providers()})")
+                    self.sessions[name] = s
         return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
 
 

@@ -420,3 +420,17 @@ def test_fp16_graphs_answer_like_the_reference(tiny_model, exported):
         got = np.stack(ans.logits[:first_diff + 1][:n])  # same prefix -> comparable logits
         _, _, cos = error_stats(_reference_logits(tiny_model, img, QUESTION, ref)[:len(got)], got)
         assert cos >= 0.999, (size, cos)
+
+
+def test_no_silent_provider_fallback(exported):
+    """ONNX Runtime quietly runs on the CPU when a requested provider is unavailable: refused."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("needs an ONNX Runtime without CUDA (this one has it; the fallback cannot happen)")
+    runner = OnnxRunner(ExportDir(exported), providers=["CUDAExecutionProvider", "CPUExecutionProvider"])
+    with pytest.raises(ExportError, match="CUDAExecutionProvider was requested but ONNX Runtime runs"):
+        runner.run("vit", {"pixel_values": np.zeros((1, 3, 28, 28), np.float32)})
+    from hiwin_export.runtime import default_providers
+
+    assert default_providers() == ["CPUExecutionProvider"]
