@@ -7,8 +7,8 @@
     for delta in pipe.stream("photo.jpg", "Describe it.", max_new_tokens=64): ...
 
 One generation loop, two :class:`Backend` s: :class:`OrtBackend` runs the exported graphs
-(``vit`` -> ``jbu`` -> ``hiwin_{oh}x{ow}`` per crop shape, batched; ``embed``; ``llm`` with KV
-cache), :class:`TorchBackend` runs :class:`~hiwin_model.model.HiwinForCausalLM`. Everything else
+(``vit`` batched per crop shape, then ``jbu`` -> ``hiwin_{oh}x{ow}`` per crop by default;
+``embed``; ``llm`` with KV cache), :class:`TorchBackend` runs :class:`~hiwin_model.model.HiwinForCausalLM`. Everything else
 is the reference's own code: decoding, slicing and normalisation (:class:`HiwinProcessor`), the
 token layout (:func:`layout_image_tokens`), the prompt templates.
 
