@@ -258,8 +258,10 @@ def _shape_derived_nodes(graph: onnx.GraphProto) -> list[str]:
     model's bf16 box rounding (MODEL.md §4.7); fp16 positions are not even integers beyond 2048,
     and ONNX ``Range`` has no fp16 at all."""
     floats = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
-    # token ids are data too: they select rows of a weight table (the fp16 embedding Gather)
-    data = {i.name for i in graph.input if i.type.tensor_type.elem_type in floats or i.name == "input_ids"}
+    weights = {t.name for t in graph.initializer}
+    # integer inputs that index a weight table (token ids -> embedding Gather) are data too
+    lookups = {n.input[1] for n in graph.node if n.op_type == "Gather" and n.input[0] in weights}
+    data = {i.name for i in graph.input if i.type.tensor_type.elem_type in floats or i.name in lookups}
     names = []
     for n in graph.node:  # topological order
         if n.op_type in ("Shape", "Size"):
