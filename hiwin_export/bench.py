@@ -17,7 +17,6 @@ import argparse
 import json
 import logging
 import os
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,31 +25,15 @@ import time
 from pathlib import Path
 
 import torch
-from torch import nn
+
+from hiwin_runtime.bench import Report, peak_rss_mib, timed_stages, write_json
+from hiwin_runtime.crop_chain import BatchPolicy, CropChain
 
 log = logging.getLogger("hiwin_export")
 GRAPHS = ("vit", "jbu", "hiwin")
 
 
-class VisionOnly(nn.Module):
-    """The three exported stages of a model (no LLM), enough for export and benchmarking."""
-
-    def __init__(self, config, seed: int = 0):
-        super().__init__()
-        from hiwin_model.jbu import JBUStack
-        from hiwin_model.projector import HiwinProjector
-        from hiwin_model.vision import VisionTower
-
-        torch.manual_seed(seed)
-        self.config = config
-        self.vision_tower = VisionTower(config.vision)
-        j, p = config.jbu, config.projector
-        self.jbu = JBUStack(j.dim, j.key_dim, j.radius, j.fixup_scale)
-        self.projector = HiwinProjector(p.dim, p.vision_dim, p.num_heads, p.grid, p.eps)
-        self.eval()
-
-
-def _real_config(tiny: bool):
+def _config(tiny: bool):
     from hiwin_model.config import HiwinConfig
 
     if tiny:
@@ -60,24 +43,21 @@ def _real_config(tiny: bool):
     return HiwinConfig()
 
 
-def _crops(width: int, height: int, max_slices: int):
-    from hiwin_model.demo import draw_scene
-    from hiwin_model.slicing import apply_plan, normalize, plan_slices
+def vision_model(config, seed: int = 0):
+    """The vision path with seeded random weights (identical in every process)."""
+    from hiwin_model.model import HiwinVision
+
+    torch.manual_seed(seed)
+    return HiwinVision(config).eval()
+
+
+def bench_crops(width: int, height: int, max_slices: int) -> list:
+    """A generated page of this size, sliced and normalised like the reference (numpy crops)."""
+    from hiwin_model.synthetic import draw_scene
+    from hiwin_runtime.slicing import apply_plan, normalize, plan_slices
 
     plan = plan_slices((width, height), max_slices)
-    crops = [normalize(c) for c in apply_plan(draw_scene(width, height, "circle", "blue", "bench"), plan).crops]
-    groups: dict = {}
-    for i, c in enumerate(crops):
-        groups.setdefault(tuple(c.shape[-2:]), []).append(i)
-    return [torch.stack([crops[i] for i in idx]) for idx in groups.values()]
-
-
-def peak_rss_mib() -> float:
-    """This process's peak RSS (VmHWM; unlike ru_maxrss it does not carry over across fork+exec)."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return [normalize(c) for c in apply_plan(draw_scene(width, height, "circle", "blue", "bench"), plan).crops]
 
 
 def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
@@ -91,79 +71,58 @@ def gemm_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n ** 3 / best / 1e9
 
 
-def _torch_path(model, batches, times: dict, flops: dict | None = None) -> None:
+def flop_counter(flops: dict):
+    """``around`` for :func:`timed_stages`: adds each call's FLOPs (matmuls, convolutions, attention)."""
     from torch.utils.flop_counter import FlopCounterMode
 
-    def timed(key, fn, *args):
-        counter = FlopCounterMode(display=False) if flops is not None else None
-        t = time.perf_counter()
-        if counter is not None:
+    def around(family, fn):
+        def call(*args):
+            counter = FlopCounterMode(display=False)
             with counter:
                 out = fn(*args)
-            flops[key] = flops.get(key, 0) + counter.get_total_flops()
-        else:
-            out = fn(*args)
-        times[key] = times.get(key, 0.0) + time.perf_counter() - t
-        return out
-
-    with torch.no_grad():
-        for pix in batches:
-            f1 = timed("vit", model.vision_tower, pix)
-            for j in range(pix.shape[0]):
-                f2, f4 = timed("jbu", model.jbu, f1[j:j + 1], pix[j:j + 1])
-                timed("hiwin", model.projector, [f1[j:j + 1], f2, f4])
-
-
-def _ort_path(runner, export, batches, times: dict) -> None:
-    def timed(key, graph, feeds):
-        t = time.perf_counter()
-        out = runner.run(graph, feeds)
-        times[key] = times.get(key, 0.0) + time.perf_counter() - t
-        return out
-
-    p = export.manifest["shape_ranges"]["patch_size"]
-    for pix in batches:
-        x = pix.numpy()
-        f1 = timed("vit", "vit", {"pixel_values": x})["features"]
-        bucket = export.hiwin_graph_for(x.shape[2] // p, x.shape[3] // p)
-        for j in range(x.shape[0]):
-            o = timed("jbu", "jbu", {"features": f1[j:j + 1], "pixel_values": x[j:j + 1]})
-            timed("hiwin", bucket, {"feat1x": f1[j:j + 1], "feat2x": o["feat2x"], "feat4x": o["feat4x"]})
+            flops[family] = flops.get(family, 0) + counter.get_total_flops()
+            return out
+        return call
+    return around
 
 
 def worker(backend: str, export_dir: str, sizes: list[tuple[int, int]], repeats: int, tiny: bool,
            max_slices: int) -> dict:
-    """One backend in this process: {image: {graph: [seconds per repeat]}, flops, peak RSS}."""
-    cfg = _real_config(tiny)
+    """One backend in this process: {image: {stage: [seconds per repeat]}, flops, peak RSS}. Both
+    backends run the same crop chain (ViT per shape group, JBU + projector per crop)."""
     result: dict = {"backend": backend, "images": {}, "flops": {}}
+    config = _config(tiny)
     if backend == "torch":
-        model = VisionOnly(cfg)
+        model = vision_model(config)
+        stages, ops, bucket_for = model.stages(), model.crop_chain().ops, None
+        result["weights_mib"] = sum(p.numel() for p in model.parameters()) * 4 / 2**20
     else:
-        from .manifest import ExportDir
-        from .parity import OnnxRunner
+        from hiwin_runtime.manifest import ExportDir
+        from hiwin_runtime.ort import OnnxRunner
 
         export = ExportDir(export_dir)
-        runner = OnnxRunner(export, threads=torch.get_num_threads())
+        stages = OnnxRunner(export, threads=torch.get_num_threads()).vision_stages()
+        ops, bucket_for = None, export.bucket_for
     for w, h in sizes:
-        batches = _crops(w, h, max_slices)
+        crops = bench_crops(w, h, max_slices)
         key = f"{w}x{h}"
         runs = []
         for r in range(repeats + 1):  # the first run warms up (allocations, ORT session creation)
             times: dict = {}
-            if backend == "torch":
-                flops = {} if r == 0 else None
-                _torch_path(model, batches, times, flops)
-                if flops is not None:
-                    result["flops"][key] = flops
-            else:
-                _ort_path(runner, export, batches, times)
+            flops: dict = {}
+            around = flop_counter(flops) if backend == "torch" and r == 0 else None
+            kw = {"ops": ops} if ops is not None else {}
+            chain = CropChain(timed_stages(stages, times, around=around), patch_size=config.vision.patch_size,
+                              policy=BatchPolicy(None, 1), bucket_for=bucket_for, **kw)
+            with torch.no_grad():
+                chain.encode_crops(crops)
+            if around is not None:
+                result["flops"][key] = flops
             if r:
                 runs.append(times)
         result["images"][key] = {g: [t[g] for t in runs] for g in GRAPHS}
-        result["images"][key]["crops"] = sum(b.shape[0] for b in batches)
+        result["images"][key]["crops"] = len(crops)
     result["peak_rss_mib"] = peak_rss_mib()
-    result["weights_mib"] = (sum(p.numel() for p in model.parameters()) * 4 / 2**20
-                             if backend == "torch" else None)
     return result
 
 
@@ -179,7 +138,7 @@ def _run_child(backend: str, export_dir: str, a) -> dict:
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
-def run(a) -> str:
+def run(a) -> Report:
     if a.e2e:
         return run_e2e(a)
     with tempfile.TemporaryDirectory(prefix="hiwin-bench-") as tmp:
@@ -189,38 +148,42 @@ def run(a) -> str:
 
             log.info("exporting the %s vision graphs (fp32, random weights) ...", "tiny" if a.tiny else "real-size")
             export_dir = str(Path(tmp) / "graphs")
-            export_model(VisionOnly(_real_config(a.tiny)), export_dir, bundles=False, parity=None,
+            export_model(vision_model(_config(a.tiny)), export_dir, bundles=False, parity=None,
                           precisions=("fp32",))
         gemm = gemm_gflops()
         res = {b: _run_child(b, export_dir, a) for b in ("torch", "ort")}
     return format_table(res, gemm, a)
 
 
-def format_table(res: dict, gemm: float, a) -> str:
+def format_table(res: dict, gemm: float, a) -> Report:
     t, o = res["torch"], res["ort"]
-    lines = [f"vision path, {'tiny' if a.tiny else 'real'} dimensions, random weights, fp32, CPU "
-             f"({torch.get_num_threads()} threads); median of {a.repeats}; fp32 GEMM rate {gemm:.1f} GFLOP/s",
-             "", "| image | stage | GFLOP | floor s | PyTorch s | ORT s | ORT/PyTorch | PyTorch/floor | ORT/floor |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    rep = Report(f"vision path, {'tiny' if a.tiny else 'real'} dimensions, random weights, fp32, CPU "
+                 f"({torch.get_num_threads()} threads); median of {a.repeats}; fp32 GEMM rate {gemm:.1f} GFLOP/s",
+                 [("image", "image"), ("stage", "stage"), ("gflop", "GFLOP"), ("floor_s", "floor s"),
+                  ("torch_s", "PyTorch s"), ("ort_s", "ORT s"), ("ort_over_torch", "ORT/PyTorch"),
+                  ("torch_over_floor", "PyTorch/floor"), ("ort_over_floor", "ORT/floor")],
+                 meta={"gemm_gflops": gemm, "threads": torch.get_num_threads(), "repeats": a.repeats,
+                       "peak_rss_mib": {"torch": t["peak_rss_mib"], "ort": o["peak_rss_mib"]},
+                       "weights_mib": t["weights_mib"]})
+
+    def row(img, stage, flops, pt, ot):
+        floor = flops / (gemm * 1e9)
+        rep.add(image=img, stage=stage, gflop=round(flops / 1e9, 1), floor_s=floor, torch_s=pt, ort_s=ot,
+                ort_over_torch=ot / pt, torch_over_floor=pt / floor if floor else None,
+                ort_over_floor=ot / floor if floor else None)
+
     for img in t["images"]:
-        crops = t["images"][img]["crops"]
-        tot = {"torch": 0.0, "ort": 0.0, "flops": 0}
+        label = f"{img} ({t['images'][img]['crops']} crops)"
+        tot = [0, 0.0, 0.0]
         for g in GRAPHS:
             pt, ot = statistics.median(t["images"][img][g]), statistics.median(o["images"][img][g])
             fl = t["flops"][img].get(g, 0)
-            tot["torch"] += pt
-            tot["ort"] += ot
-            tot["flops"] += fl
-            floor = fl / (gemm * 1e9)
-            lines.append(f"| {img} ({crops} crops) | {g} | {fl / 1e9:.1f} | {floor:.2f} | {pt:.2f} | {ot:.2f} | "
-                         f"{ot / pt:.2f} | {pt / floor:.2f} | {ot / floor:.2f} |")
-        floor = tot["flops"] / (gemm * 1e9)
-        lines.append(f"| {img} ({crops} crops) | **whole path** | {tot['flops'] / 1e9:.1f} | {floor:.2f} | "
-                     f"{tot['torch']:.2f} | {tot['ort']:.2f} | {tot['ort'] / tot['torch']:.2f} | "
-                     f"{tot['torch'] / floor:.2f} | {tot['ort'] / floor:.2f} |")
-    lines += ["", f"peak RSS: PyTorch {t['peak_rss_mib']:.0f} MiB, ONNX Runtime {o['peak_rss_mib']:.0f} MiB "
-                  f"(fp32 weights {t['weights_mib']:.0f} MiB)"]
-    return "\n".join(lines)
+            row(label, g, fl, pt, ot)
+            tot = [tot[0] + fl, tot[1] + pt, tot[2] + ot]
+        row(label, "**whole path**", *tot)
+    rep.notes.append(f"peak RSS: PyTorch {t['peak_rss_mib']:.0f} MiB, ONNX Runtime {o['peak_rss_mib']:.0f} MiB "
+                     f"(fp32 weights {t['weights_mib']:.0f} MiB)")
+    return rep
 
 
 # ---------------------------------------------------------------------------------- end to end
@@ -251,9 +214,9 @@ def e2e_model(kind: str, llm_layers: int = 2, seed: int = 0):
 def e2e_worker(backend: str, path: str, kind: str, llm_layers: int, sizes: list[tuple[int, int]],
                new_tokens: int, repeats: int) -> dict:
     """One backend in this process: per image, median TTFT / vision / prefill and decode rate."""
-    from hiwin_model.demo import draw_scene
+    from hiwin_model.synthetic import draw_scene
 
-    from .runtime import Pipeline
+    from hiwin_runtime.pipeline import Pipeline
 
     if backend == "torch":
         pipe = Pipeline.from_model(e2e_model(kind, llm_layers))
@@ -276,12 +239,17 @@ def e2e_worker(backend: str, path: str, kind: str, llm_layers: int, sizes: list[
     return out
 
 
-def run_e2e(a) -> str:
-    lines = [f"end to end (image + question -> {a.new_tokens} new tokens, greedy, EOS ignored), random "
-             f"weights, fp32, CPU ({torch.get_num_threads()} threads); median of {a.repeats}; real-width = "
-             f"released widths, {a.llm_layers} of 32 Llama layers",
-             "", "| config | image | prompt tokens (visual) | backend | vision s | prefill s | TTFT s | "
-                 "decode tok/s | peak RSS MiB | same tokens as PyTorch |", "|---|---|---|---|---|---|---|---|---|---|"]
+E2E_COLUMNS = [("config", "config"), ("image", "image"), ("prompt", "prompt tokens (visual)"),
+               ("backend", "backend"), ("vision_s", "vision s"), ("prefill_s", "prefill s"), ("ttft_s", "TTFT s"),
+               ("decode_tok_s", "decode tok/s"), ("peak_rss_mib", "peak RSS MiB"),
+               ("same_tokens", "same tokens as PyTorch")]
+
+
+def run_e2e(a) -> Report:
+    rep = Report(f"end to end (image + question -> {a.new_tokens} new tokens, greedy, EOS ignored), random "
+                 f"weights, fp32, CPU ({torch.get_num_threads()} threads); median of {a.repeats}; real-width = "
+                 f"released widths, {a.llm_layers} of 32 Llama layers", E2E_COLUMNS,
+                 meta={"threads": torch.get_num_threads(), "repeats": a.repeats, "new_tokens": a.new_tokens})
     for kind in a.e2e:
         with tempfile.TemporaryDirectory(prefix="hiwin-bench-e2e-") as tmp:
             log.info("exporting the %s model (fp32, random weights, no parity run) ...", kind)
@@ -301,20 +269,21 @@ def run_e2e(a) -> str:
                 if r.returncode:
                     raise RuntimeError(f"{b} worker failed:\n{r.stderr[-4000:]}")
                 res[b] = json.loads(r.stdout.strip().splitlines()[-1])
-        lines += format_e2e(kind, res)
-    return "\n".join(lines)
+        format_e2e(kind, res, rep)
+    return rep
 
 
-def format_e2e(kind: str, res: dict) -> list[str]:
-    lines = []
+def format_e2e(kind: str, res: dict, rep: Report | None = None) -> Report:
+    rep = rep or Report(f"end to end ({kind})", E2E_COLUMNS)
     for img, t in res["torch"]["images"].items():
         for b, name in (("torch", "PyTorch"), ("ort", "ONNX Runtime")):
             r = res[b]["images"][img]
             same = "-" if b == "torch" else ("yes" if r["token_ids"] == t["token_ids"] else "NO")
-            lines.append(f"| {kind} | {img} | {r['prompt_tokens']} ({r['visual_tokens']}) | {name} | "
-                         f"{r['vision_s']:.2f} | {r['prefill_s']:.2f} | {r['ttft_s']:.2f} | "
-                         f"{r['decode_tok_s']:.1f} | {res[b]['peak_rss_mib']:.0f} | {same} |")
-    return lines
+            rep.add(config=kind, image=img, prompt=f"{r['prompt_tokens']} ({r['visual_tokens']})", backend=name,
+                    vision_s=r["vision_s"], prefill_s=r["prefill_s"], ttft_s=r["ttft_s"],
+                    decode_tok_s=round(r["decode_tok_s"], 1), peak_rss_mib=round(res[b]["peak_rss_mib"]),
+                    same_tokens=same)
+    return rep
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -327,6 +296,7 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="end-to-end rows instead (time to first token, decode tokens/s) for these configurations")
     p.add_argument("--llm-layers", type=int, default=2, help="Llama layers of the real-width configuration")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per end-to-end run")
+    p.add_argument("--json", help="also write the report's rows as JSON to this file")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -354,8 +324,16 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     for name in ("onnxscript", "onnx_ir"):
         logging.getLogger(name).setLevel(logging.WARNING)
-    print(run(a))
+    report(a)
     return 0
+
+
+def report(a) -> None:
+    """Run, print the markdown table, and write ``--json`` if asked."""
+    rep = run(a)
+    print(rep.markdown())
+    if a.json:
+        write_json([rep], a.json)
 
 
 if __name__ == "__main__":

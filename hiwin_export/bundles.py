@@ -20,11 +20,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hiwin_model.demo import draw_scene
-from hiwin_model.projector import sampling_grid
-from hiwin_model.slicing import normalize
-
-from .graphs import bucket_name
+from hiwin_model.synthetic import draw_scene
+from hiwin_runtime.crop_chain import Recorder
+from hiwin_runtime.graph_id import GraphId
+from hiwin_runtime.slicing import normalize
 
 # One real-content crop shape (h, w patches) per projector bucket; ViT/JBU bundles use all of them.
 BUNDLE_GRIDS = ((24, 24), (19, 29), (29, 19), (16, 32), (32, 16), (18, 24), (24, 18))
@@ -56,30 +55,24 @@ def _save(graph_dir: Path, feeds: dict[str, np.ndarray], outs: dict[str, np.ndar
     return info
 
 
-def write_bundles(model, out_dir: Path, graphs: set[str], bound: float = FP32_MAX_REL) -> dict[str, list[str]]:
-    """Write bundles for the exported ``graphs`` into ``out_dir/bundles``; returns {graph: [dirs]}."""
+def write_bundles(model, out_dir: Path, graphs: set[GraphId], bound: float = FP32_MAX_REL) -> dict[str, list[str]]:
+    """Write bundles for the exported fp32 vision ``graphs`` into ``out_dir/bundles``: one generated
+    crop per shape in :data:`BUNDLE_GRIDS` through the reference crop chain, each stage call saved
+    with the graph's I/O names. Returns {graph name: [bundle dirs]}."""
     p = model.config.vision.patch_size
     written: dict[str, list[str]] = {}
     root = out_dir / "bundles"
-    with torch.no_grad():
-        for i, (h, w) in enumerate(BUNDLE_GRIDS):
-            img = draw_scene(p * w, p * h, ("circle", "square", "triangle")[i % 3], "green", f"bundle {h}x{w}", seed=i)
-            pix = normalize(img)[None]
-            f1 = model.vision_tower(pix)
-            f2, f4 = model.jbu(f1, pix)
-            oh, ow = sampling_grid(w, h)
-            hb = bucket_name((oh, ow))
-            cases = {
-                "vit": ({"pixel_values": pix}, {"features": f1}),
-                "jbu": ({"features": f1, "pixel_values": pix}, {"feat2x": f2, "feat4x": f4}),
-                hb: ({"feat1x": f1, "feat2x": f2, "feat4x": f4},
-                     {"tokens": model.projector([f1, f2, f4], grid_hw=(oh, ow))}),
-            }
-            for g, (feeds, outs) in cases.items():
-                if g not in graphs:
-                    continue
-                d = root / g / f"{h}x{w}"
-                _save(d, {k: v.float().numpy() for k, v in feeds.items()},
-                      {k: v.float().numpy() for k, v in outs.items()}, f"{g}.onnx", bound)
-                written.setdefault(g, []).append(str(d.relative_to(out_dir)))
+    for i, (h, w) in enumerate(BUNDLE_GRIDS):
+        img = draw_scene(p * w, p * h, ("circle", "square", "triangle")[i % 3], "green", f"bundle {h}x{w}", seed=i)
+        recorder = Recorder()
+        with torch.no_grad():
+            model.crop_chain(stages=recorder.wrap(model.stages())).encode_crops([normalize(img)])
+        for call in recorder.calls:
+            gid = GraphId(call.family, call.bucket)
+            if gid not in graphs:
+                continue
+            d = root / gid.name / f"{h}x{w}"
+            _save(d, {k: v.float().numpy() for k, v in call.inputs.items()},
+                  {k: v.float().numpy() for k, v in call.outputs.items()}, gid.file, bound)
+            written.setdefault(gid.name, []).append(str(d.relative_to(out_dir)))
     return written

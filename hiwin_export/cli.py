@@ -45,38 +45,23 @@ def cmd_export(a) -> int:
 
 
 def cmd_run(a) -> int:
-    from hiwin_model.demo import demo_image
+    from hiwin_runtime.cli import run
 
-    from .runtime import Pipeline
+    if a.model is not None:
+        return run(a, a.model, a.image or _demo_image())
+    from .export import export_model
 
-    settings = dict(max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0,
-                    temperature=a.temperature if a.temperature > 0 else 1.0, top_p=a.top_p, seed=a.seed,
-                    max_slices=a.max_slices, template=a.template)
-    image = a.image if a.image else demo_image()
     with tempfile.TemporaryDirectory(prefix="hiwin-run-") as tmp:
-        path = a.model
-        if path is None:
-            from .export import export_model
+        log.info("no --model: exporting the embedded tiny model (random weights; the answer is noise) ...")
+        path = str(Path(tmp) / "export")
+        export_model(_model(None), path, bundles=False, parity="quick", precisions=("fp32",))
+        return run(a, path, a.image or _demo_image())
 
-            log.info("no --model: exporting the embedded tiny model (random weights; the answer is noise) ...")
-            path = str(Path(tmp) / "export")
-            export_model(_model(None), path, bundles=False, parity="quick", precisions=("fp32",))
-        kw = {} if a.backend == "torch" else {"precision": a.precision}
-        pipe = Pipeline.load(path, backend=a.backend, **kw)
-        log.info("backend: %s", pipe.backend.name)
 
-        def on_text(t: str) -> None:
-            sys.stdout.write(t)
-            sys.stdout.flush()
+def _demo_image():
+    from hiwin_model.synthetic import demo_image
 
-        ans = pipe.generate(image, a.prompt, on_text=on_text, **settings)
-    sys.stdout.write("\n")
-    t = ans.timings
-    print(f"[{pipe.backend.name}] {ans.visual_tokens} visual + {ans.prompt_tokens - ans.visual_tokens} text "
-          f"prompt tokens; {len(ans.token_ids)} new tokens ({ans.finish_reason}); vision {t['vision_s']:.2f} s, "
-          f"prefill {t['prefill_s']:.2f} s, time to first token {t['ttft_s']:.2f} s, decode "
-          f"{ans.decode_tokens_per_s:.1f} tokens/s", file=sys.stderr)
-    return 0
+    return demo_image()
 
 
 def cmd_parity(a) -> int:
@@ -89,11 +74,9 @@ def cmd_parity(a) -> int:
     if language:
         h.language_cases(language)
     if not a.quick or a.images:
-        from hiwin_model.demo import draw_scene
+        from hiwin_model.synthetic import parity_pages
 
-        sizes = IMAGE_SIZES[:3] if a.quick else IMAGE_SIZES
-        imgs = a.images or [draw_scene(w, hh, "circle", "red", f"{w}x{hh}", seed=i) for i, (w, hh) in enumerate(sizes)]
-        h.image_cases(imgs)
+        h.image_cases(a.images or parity_pages(IMAGE_SIZES[:3] if a.quick else IMAGE_SIZES))
     jp, mp = h.write_report(a.report_dir or Path(a.export) / "reports")
     print(h.markdown())
     print(f"reports: {jp}, {mp}")
@@ -106,9 +89,9 @@ def cmd_parity(a) -> int:
 
 
 def cmd_bench(a) -> int:
-    from .bench import run
+    from .bench import report
 
-    print(run(a))
+    report(a)
     return 0
 
 
@@ -134,18 +117,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
     p.set_defaults(func=cmd_parity)
     r = sub.add_parser("run", help="answer a question about an image from an export directory (streamed)")
-    r.add_argument("--model", help="export directory (ONNX Runtime) or HF model directory (PyTorch); "
-                                    "default: the embedded tiny model, exported on the fly")
-    r.add_argument("--image", help="image file (default: a generated 1024x768 page)")
-    r.add_argument("--prompt", default="What is in the image?")
-    r.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch"])
-    r.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="which exported graphs (ORT)")
-    r.add_argument("--max-new-tokens", type=int, default=64)
-    r.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
-    r.add_argument("--top-p", type=float, default=1.0)
-    r.add_argument("--seed", type=int, default=None)
-    r.add_argument("--max-slices", type=int, default=None)
-    r.add_argument("--template", default=None, choices=["vicuna_v1", "plain"])
+    from hiwin_runtime.cli import add_run_args
+
+    add_run_args(r, model_required=False)  # default: the embedded tiny model, exported on the fly
     r.set_defaults(func=cmd_run)
     from .bench import add_args
 
@@ -161,11 +135,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("onnxscript", "onnx_ir"):  # their optimizer passes log every folded constant
         logging.getLogger(name).setLevel(logging.WARNING)
     from hiwin_model.checkpoint import CheckpointError
-    from hiwin_model.config import ConfigError
+    from hiwin_runtime.cli import user_errors
 
-    from hiwin_model.image import ImageError
-
-    from .manifest import ExportError
     from .parity import ParityError
 
     try:
@@ -174,8 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hiwin-export: parity FAILED (nothing written; --parity none keeps the graphs): {e}",
               file=sys.stderr)
         return 1
-    except (ExportError, ConfigError, CheckpointError, ImageError, FileNotFoundError, FileExistsError,
-            ValueError) as e:
+    except (CheckpointError, *user_errors()) as e:
         print(f"hiwin-export: error: {e}", file=sys.stderr)
         return 2
 

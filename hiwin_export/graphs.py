@@ -20,16 +20,12 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
-from hiwin_model.projector import GRID_CANDIDATES
+from hiwin_runtime.buckets import HIWIN_BUCKETS
+from hiwin_runtime.graph_id import GraphId
 
 # Patch-grid range every graph is exported (and checked) for: 2 patches (28 px, what the JBU
 # needs) to 256 patches (3584 px) per side, which covers every crop the slicer produces.
 MIN_PATCHES, MAX_PATCHES, MAX_BATCH = 2, 256, 64
-HIWIN_BUCKETS = tuple((h, w) for w, h in GRID_CANDIDATES)  # (oh, ow)
-
-
-def bucket_name(grid_hw: tuple[int, int]) -> str:
-    return f"hiwin_{grid_hw[0]}x{grid_hw[1]}"
 
 
 class _HiwinBucket(nn.Module):
@@ -43,7 +39,7 @@ class _HiwinBucket(nn.Module):
 
 @dataclass(frozen=True)
 class GraphSpec:
-    name: str
+    graph: GraphId  # fp32 identity; precision passes derive the others
     module: Callable[[nn.Module], nn.Module]  # HiwinForCausalLM -> exported module
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
@@ -55,6 +51,10 @@ class GraphSpec:
     # torch.export shapes keyed by forward() parameter (default: derived from ``axes``)
     export_shapes: Callable[[], dict] | None = None
     output_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.graph.name
 
     def dynamic_shapes(self) -> dict:
         if self.export_shapes is not None:
@@ -77,15 +77,15 @@ def _feats(model, h=3, w=2, b=2, s=1):
 
 def graph_specs() -> list[GraphSpec]:
     specs = [
-        GraphSpec("vit", lambda m: m.vision_tower, ("pixel_values",), ("features",),
+        GraphSpec(GraphId("vit"), lambda m: m.vision_tower, ("pixel_values",), ("features",),
                   {"pixel_values": {0: "batch", 2: "14h", 3: "14w"}}, lambda m: (_pixels(m),)),
-        GraphSpec("jbu", lambda m: m.jbu, ("features", "pixel_values"), ("feat2x", "feat4x"),
+        GraphSpec(GraphId("jbu"), lambda m: m.jbu, ("features", "pixel_values"), ("feat2x", "feat4x"),
                   {"features": {0: "batch", 2: "h", 3: "w"}, "pixel_values": {0: "batch", 2: "14h", 3: "14w"}},
                   lambda m: (_feats(m), _pixels(m))),
     ]
     for g in HIWIN_BUCKETS:
         specs.append(GraphSpec(
-            bucket_name(g), lambda m, g=g: _HiwinBucket(m.projector, g), ("feat1x", "feat2x", "feat4x"), ("tokens",),
+            GraphId("hiwin", g), lambda m, g=g: _HiwinBucket(m.projector, g), ("feat1x", "feat2x", "feat4x"), ("tokens",),
             {"feat1x": {0: "batch", 2: "h", 3: "w"}, "feat2x": {0: "batch", 2: "2h", 3: "2w"},
              "feat4x": {0: "batch", 2: "4h", 3: "4w"}},
             lambda m: tuple(_feats(m, s=s) for s in (1, 2, 4)), meta={"sampling_grid": list(g)}))

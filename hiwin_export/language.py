@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from hiwin_runtime.graph_id import GraphId
+
 from .graphs import MAX_BATCH, GraphSpec
 
 DUMMY_BATCH, DUMMY_SEQ, DUMMY_PAST = 2, 5, 3  # sizes > 1 so torch.export keeps every axis dynamic
@@ -95,12 +97,12 @@ def language_specs(model) -> list[GraphSpec]:
                               1: torch.export.Dim("seq", min=1, max=ctx)}}
 
     seq_axes = {0: "batch", 1: "seq"}
-    embed = GraphSpec("embed", lambda m: EmbedTokens(m.llm), ("input_ids",), ("inputs_embeds",),
+    embed = GraphSpec(GraphId("embed"), lambda m: EmbedTokens(m.llm), ("input_ids",), ("inputs_embeds",),
                       {"input_ids": seq_axes},
                       lambda m: (torch.randint(0, cfg.vocab_size, (DUMMY_BATCH, DUMMY_SEQ)),),
                       kind="language", export_shapes=embed_shapes, output_axes={"inputs_embeds": seq_axes})
     decoder = GraphSpec(
-        "llm", lambda m: DecoderWithPast(m.llm), ("inputs_embeds", "attention_mask", "position_ids", *past_in),
+        GraphId("llm"), lambda m: DecoderWithPast(m.llm), ("inputs_embeds", "attention_mask", "position_ids", *past_in),
         ("logits", *present),
         {"inputs_embeds": seq_axes, "attention_mask": {0: "batch", 1: "total"}, "position_ids": seq_axes,
          **{p: {0: "batch", 2: "past"} for p in past_in}},

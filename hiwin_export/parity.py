@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from hiwin_model.layout import layout_image_tokens
-from hiwin_model.processor import stack_group
-
-from .manifest import ExportDir, ExportError
+from hiwin_runtime.crop_chain import BatchPolicy, CropChain, Recorder
+from hiwin_runtime.graph_id import GraphId
+from hiwin_runtime.manifest import ExportDir
+from hiwin_runtime.ort import OnnxRunner
 
 log = logging.getLogger("hiwin_export")
 
@@ -65,43 +65,6 @@ def error_stats(ref: np.ndarray, out: np.ndarray) -> tuple[float, float, float]:
     return max_abs, max_abs / scale if scale > 0 else max_abs, cosine
 
 
-class OnnxRunner:
-    """ONNX Runtime sessions for an export directory (inputs validated against the manifest)."""
-
-    def __init__(self, export: ExportDir, providers: list[str] | None = None, threads: int | None = None):
-        import onnxruntime as ort
-
-        self.export = export
-        self.sessions: dict[str, Any] = {}
-        self._lock = threading.Lock()
-        self.opts = ort.SessionOptions()
-        # Shapes change from call to call (crop grids), so the memory-pattern planner cannot reuse
-        # a plan: it is off. The CPU arena stays on (without it every large tensor is an mmap and
-        # a page-fault storm). Measured at real dims, JBU on 336x336 + 266x406 crops, steady state:
-        # pattern on 4179 MiB peak / 1.72 s per crop; off 2265 MiB / 1.50 s; arena off too 2580 MiB / 1.93 s.
-        self.opts.enable_mem_pattern = False
-        if threads:
-            self.opts.intra_op_num_threads = threads
-        self.providers = providers or ["CPUExecutionProvider"]
-
-    def run(self, name: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        import onnxruntime as ort
-
-        self.export.check_feeds(name, feeds)
-        s = self.sessions.get(name)
-        if s is None:
-            with self._lock:  # one session per graph even when threads race to the first run
-                s = self.sessions.get(name)
-                if s is None:
-                    s = ort.InferenceSession(str(self.export.graph_path(name)), self.opts, providers=self.providers)
-                    if s.get_providers()[0] != self.providers[0]:  # ORT falls back silently; we do not
-                        raise ExportError(f"{name}: {self.providers[0]} was requested but ONNX Runtime runs "
-                                          f"{s.get_providers()} (provider unavailable or failed to load; "
-                                          f"available here: {ort.get_available_providers()})")
-                    self.sessions[name] = s
-        return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
-
-
 class Harness:
     """fp32 graphs must stay within max rel <= 1e-4 of the reference; fp16 graphs (``<name>.fp16``)
     within cosine >= 0.999 (their max rel is reported too)."""
@@ -121,94 +84,93 @@ class Harness:
         good = max_rel <= FP32_MAX_REL if self.precision == "fp32" else cosine >= FP16_MIN_COSINE
         return bool(good and finite)
 
-    def _run(self, graph: str, feeds):
-        return self.runner.run(graph + self.suffix, feeds)
+    def _graph(self, graph: GraphId | str) -> GraphId:
+        """The graph at this harness's precision (a clear error if the directory lacks it)."""
+        gid = (graph if isinstance(graph, GraphId) else GraphId.parse(graph)).at(self.precision)
+        self.export.graph_path(gid)
+        return gid
 
     # ------------------------------------------------------------------ comparisons
-    def _compare(self, graph: str, case: str, feeds: dict[str, np.ndarray], ref: dict[str, torch.Tensor]):
-        out = self._run(graph, feeds)
+    def _compare(self, graph: GraphId | str, case: str, feeds: dict[str, np.ndarray], ref: dict[str, torch.Tensor]):
+        gid = self._graph(graph)
+        out = self.runner.run(gid, feeds)
         if set(out) != set(ref):
-            raise ParityError(f"{graph}: outputs {sorted(out)} != reference {sorted(ref)}")
+            raise ParityError(f"{gid}: outputs {sorted(out)} != reference {sorted(ref)}")
         for name, r in ref.items():
             r = r.detach().float().numpy()
             if out[name].shape != r.shape:
-                raise ParityError(f"{graph} [{case}]: {name} has shape {out[name].shape}, reference {r.shape}")
+                raise ParityError(f"{gid} [{case}]: {name} has shape {out[name].shape}, reference {r.shape}")
             if out[name].dtype != np.float32:
-                raise ParityError(f"{graph} [{case}]: {name} is {out[name].dtype}, expected float32")
-            a, rel, cos = error_stats(r, out[name])
-            self.records.append(Record(graph, case, name, list(r.shape), a, rel, cos, self.criterion,
-                                       self._ok(rel, cos, bool(np.isfinite(out[name]).all()))))
+                raise ParityError(f"{gid} [{case}]: {name} is {out[name].dtype}, expected float32")
+            self._record(gid.base, case, name, r, out[name])
         return out
 
-    def _reference(self, graph: str, inputs: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-        m = self.model
-        with torch.no_grad():
-            if graph == "vit":
-                return {"features": m.vision_tower(inputs[0])}
-            if graph == "jbu":
-                f2, f4 = m.jbu(inputs[0], inputs[1])
-                return {"feat2x": f2, "feat4x": f4}
-            oh, ow = (int(x) for x in graph.split("_")[1].split("x"))
-            return {"tokens": m.projector(inputs, grid_hw=(oh, ow))}
+    def _record(self, graph: str, case: str, output: str, ref: np.ndarray, out: np.ndarray) -> None:
+        a, rel, cos = error_stats(ref, out)
+        self.records.append(Record(graph, case, output, list(ref.shape), a, rel, cos, self.criterion,
+                                   self._ok(rel, cos, bool(np.isfinite(out).all()))))
 
-    def check_graph(self, graph: str, case: str, inputs: list[torch.Tensor]):
-        self.export.graph_path(graph + self.suffix)  # a clear error if the directory lacks this graph
-        names = [i["name"] for i in self.export.graphs[graph + self.suffix]["inputs"]]
-        feeds = {n: t.detach().float().contiguous().numpy() for n, t in zip(names, inputs)}
-        return self._compare(graph, case, feeds, self._reference(graph, inputs))
+    def _reference_chain(self, recorder: Recorder, policy: BatchPolicy = BatchPolicy(None, None)) -> CropChain:
+        return self.model.crop_chain(policy, stages=recorder.wrap(self.model.stages()))
+
+    def _check_calls(self, recorder: Recorder, tag: str) -> None:
+        """Each recorded reference stage call against its graph, on the very same inputs."""
+        p = self.model.config.vision.patch_size
+        for call in recorder.calls:
+            x = call.inputs[next(iter(call.inputs))]
+            h, w = x.shape[-2:] if call.family != "vit" else (x.shape[-2] // p, x.shape[-1] // p)
+            feeds = {n: t.detach().float().contiguous().numpy() for n, t in call.inputs.items()}
+            self._compare(GraphId(call.family, call.bucket), f"{tag}, crops {h}x{w} patches x{x.shape[0]}",
+                          feeds, call.outputs)
 
     # ------------------------------------------------------------------ cases
     def random_cases(self, grids=RANDOM_GRIDS, batch: int = 2) -> None:
         """Random inputs for the ViT, the JBU and every projector bucket the grids select."""
         buckets = sorted({self.export.hiwin_graph_for(h, w) for h, w in grids})
-        for name in ["vit", "jbu", *buckets]:
-            self.graph_cases(name, grids, batch)
+        for gid in [GraphId("vit"), GraphId("jbu"), *buckets]:
+            self.graph_cases(gid, grids, batch)
 
-    def graph_cases(self, graph: str, grids=RANDOM_GRIDS, batch: int = 2) -> None:
-        """Random cases for one graph (projector buckets: the grids that select that bucket)."""
+    def graph_cases(self, graph: GraphId | str, grids=RANDOM_GRIDS, batch: int = 2) -> None:
+        """Random cases for one graph (projector buckets: the grids that select that bucket), each
+        through the reference stage and the graph."""
+        gid = graph if isinstance(graph, GraphId) else GraphId.parse(graph)
         g = torch.Generator().manual_seed(self.seed)
         c = self.model.config.vision
+        stages = Recorder()
+        ref = stages.wrap(self.model.stages())
         for h, w in grids:
-            if graph.startswith("hiwin_") and self.export.hiwin_graph_for(h, w) != graph:
+            if gid.family == "hiwin" and self.export.bucket_for(w, h) != gid.bucket:
                 continue
             pix = torch.randn(batch, 3, c.patch_size * h, c.patch_size * w, generator=g)
             feats = [torch.randn(batch, c.hidden_size, s * h, s * w, generator=g) for s in (1, 2, 4)]
-            inputs = {"vit": [pix], "jbu": [feats[0], pix]}.get(graph, feats)
-            self.check_graph(graph, f"random {h}x{w} patches, batch {batch}", inputs)
+            with torch.no_grad():
+                if gid.family == "vit":
+                    ref.vit(pix)
+                elif gid.family == "jbu":
+                    ref.jbu(feats[0], pix)
+                else:
+                    ref.projector(gid.bucket, *feats)
+        self._check_calls(stages, f"random, batch {batch}")
 
     def image_cases(self, images=None, max_slices: int = 9) -> None:
-        from hiwin_model.demo import draw_scene
+        """Real pages: every stage call of the reference chain checked on its own inputs, then the
+        whole ONNX chain (each graph fed the previous graph's outputs) against the reference tokens."""
+        from hiwin_model.synthetic import parity_pages
 
         m = self.model
-        images = images if images is not None else [draw_scene(w, h, "circle", "red", f"{w}x{h}", seed=i)
-                                                    for i, (w, h) in enumerate(IMAGE_SIZES)]
+        images = images if images is not None else parity_pages(IMAGE_SIZES)
+        nl, comma = (t.detach() for t in m.separator_embeddings())
+        onnx_chain = CropChain(self.runner.vision_stages(self.precision), patch_size=m.config.vision.patch_size,
+                               policy=BatchPolicy(None, None), bucket_for=self.export.bucket_for)
         for img in images:
             prepared = m.processor.prepare_image(img, max_slices=max_slices)
             tag = f"image {img.size[0]}x{img.size[1]} grid {prepared.grid}"
-            onnx_crops: list = [None] * len(prepared.crops)
-            for idx in prepared.shape_groups().values():
-                pix = stack_group(prepared.crops, idx)
-                h, w = pix.shape[-2] // m.vision_tower.patch_size, pix.shape[-1] // m.vision_tower.patch_size
-                case = f"{tag}, crops {h}x{w} patches x{len(idx)}"
-                f1 = self.check_graph("vit", case, [pix])["features"]
-                with torch.no_grad():
-                    rf1 = m.vision_tower(pix)
-                    rf2, rf4 = m.jbu(rf1, pix)
-                self.check_graph("jbu", case, [rf1, pix])
-                bucket = self.export.hiwin_graph_for(h, w)
-                self.check_graph(bucket, case, [rf1, rf2, rf4])
-                # end to end: each graph fed the previous ONNX outputs
-                o2 = self._run("jbu", {"features": f1, "pixel_values": pix.numpy()})
-                tok = self._run(bucket, {"feat1x": f1, "feat2x": o2["feat2x"], "feat4x": o2["feat4x"]})
-                for j, i in enumerate(idx):
-                    onnx_crops[i] = torch.from_numpy(tok["tokens"][j])
-            nl, comma = m.separator_embeddings()
+            recorder = Recorder()
             with torch.no_grad():
-                ref_tokens = m.layout(prepared, m.encode_prepared(prepared))
-                onnx_tokens = layout_image_tokens(torch.stack(onnx_crops), prepared.grid, nl.detach(), comma.detach())
-            a, rel, cos = error_stats(ref_tokens.numpy(), onnx_tokens.numpy())
-            self.records.append(Record("vision-path", tag, "visual_tokens", list(ref_tokens.shape), a, rel, cos,
-                                       self.criterion, self._ok(rel, cos, bool(torch.isfinite(onnx_tokens).all()))))
+                ref_tokens = self._reference_chain(recorder).encode(prepared.crops, prepared.grid, nl, comma)
+            self._check_calls(recorder, tag)
+            onnx_tokens = onnx_chain.encode(prepared.crops, prepared.grid, nl.float().numpy(), comma.float().numpy())
+            self._record("vision-path", tag, "visual_tokens", ref_tokens.float().numpy(), onnx_tokens)
 
     def language_cases(self, graphs=("embed", "llm"), batch: int = 2) -> None:
         """The token-embedding graph on random ids; the decoder on prefill (empty past), chunked
@@ -223,7 +185,7 @@ class Harness:
                 ids = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
                 with torch.no_grad():
                     ref = {"inputs_embeds": llm.get_input_embeddings()(ids)}
-                self._compare("embed", f"random ids, batch {batch}, seq {seq}", {"input_ids": ids.numpy()}, ref)
+                self._compare(GraphId("embed"), f"random ids, batch {batch}, seq {seq}", {"input_ids": ids.numpy()}, ref)
         if "llm" not in graphs:
             return
         dec = DecoderWithPast(llm).eval()
@@ -245,7 +207,7 @@ class Harness:
             ref = {"logits": outs[0], **{f"present.{k[len('past_key_values.'):]}": t for k, t in zip(names, outs[1:])}}
             feeds = {"inputs_embeds": emb.numpy(), "attention_mask": mask.numpy(), "position_ids": pos.numpy(),
                      **{k: t.numpy() for k, t in zip(names, past)}}
-            self._compare("llm", f"{step}, batch {batch}, past {P}, seq {seq}", feeds, ref)
+            self._compare(GraphId("llm"), f"{step}, batch {batch}, past {P}, seq {seq}", feeds, ref)
             past = list(outs[1:])
 
     # ------------------------------------------------------------------ report

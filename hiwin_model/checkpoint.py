@@ -1,4 +1,4 @@
-"""Checkpoint I/O in the released layout (MODEL.md §6): a pure, tested key remapping plus strict loading.
+"""Checkpoint I/O in the released layout (docs/model.md §6): a pure, tested key remapping plus strict loading.
 
 Official key -> our module key is a declarative prefix table (:data:`RENAMES`). Official keys that
 the released model stores but never uses are listed by pattern in :func:`ignored_reason` and

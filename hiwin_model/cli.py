@@ -46,7 +46,7 @@ def _load(args):
 
 
 def cmd_generate(args) -> int:
-    from .demo import demo_image
+    from .synthetic import demo_image
 
     model = _load(args)
     image = args.image if args.image else demo_image()
@@ -86,17 +86,16 @@ def cmd_make_tiny(args) -> int:
 
 
 def cmd_make_data(args) -> int:
-    from .demo import write_training_data
+    from .synthetic import write_training_data
 
     print(write_training_data(args.out, n=args.n, seed=args.seed))
     return 0
 
 
 def cmd_bench_vision(args) -> int:
-    from .bench import main as bench_main
+    from .bench import run
 
-    argv = ["--width", str(args.width), "--height", str(args.height), "--max-slices", str(args.max_slices)]
-    return bench_main(argv + (["--threads", str(args.threads)] if args.threads else []))
+    return run(args)
 
 
 def cmd_train(args) -> int:
@@ -159,10 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     dt.set_defaults(func=cmd_make_data)
 
     b = sub.add_parser("bench-vision", help="time + peak RSS of the vision path at real dims (random weights)")
-    b.add_argument("--width", type=int, default=1008)
-    b.add_argument("--height", type=int, default=672)
-    b.add_argument("--max-slices", type=int, default=9)
-    b.add_argument("--threads", type=int, default=None)
+    from .bench import add_args as add_bench_args
+
+    add_bench_args(b)
     b.set_defaults(func=cmd_bench_vision)
 
     tr = sub.add_parser("train", help="training stages (multi-GPU: launch with torchrun)")

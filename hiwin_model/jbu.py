@@ -1,4 +1,4 @@
-"""JBU feature up-sampler of LLaVA-UHD v2 (MODEL.md §3).
+"""JBU feature up-sampler of LLaVA-UHD v2 (docs/model.md §3).
 
 Reproduces ``JBULearnedRange`` and the 4x ``JBUStack`` of the modified FeatUp copy in the
 released code (``featup/upsamplers.py``, branch ``old-vicuna-7b``), with two changes that keep

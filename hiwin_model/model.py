@@ -1,5 +1,5 @@
 """LLaVA-UHD v2 reference model: image + question -> answer (arXiv 2412.13871, released
-``old-vicuna-7b`` code; MODEL.md is the contract).
+``old-vicuna-7b`` code; docs/model.md describes what it computes).
 
 Stages are seams: slicing (:mod:`.slicing`) -> CLIP layer -2 (:mod:`.vision`) -> JBU 2x/4x
 (:mod:`.jbu`) -> Hiwin projector (:mod:`.projector`) -> token layout (:mod:`.layout`) -> Llama.
@@ -18,13 +18,16 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from hiwin_runtime.crop_chain import BatchPolicy, CropChain, Stages
+
+from .arrays import TORCH_OPS
 from .checkpoint import (CheckpointError, _torch_load, atomic_directory, ignored_reason, load_into,
                          official_state_dict, read_official, save_sharded, to_ours)
-from .config import HiwinConfig
+from .config import HiwinConfig, llama_config
 from .image import ImageSource
 from .jbu import JBUStack
 from .layout import layout_image_tokens
-from .processor import HiwinProcessor, PreparedImage, TextDeltas, stack_group
+from .processor import HiwinProcessor, PreparedImage, TextDeltas
 from .projector import HiwinProjector
 from .vision import VisionTower
 
@@ -43,12 +46,16 @@ def parse_dtype(d: str | torch.dtype) -> torch.dtype:
         raise ValueError(f"unknown dtype {d!r} (use one of {sorted(DTYPES)})") from None
 
 
-class HiwinForCausalLM(nn.Module):
+class HiwinVision(nn.Module):
+    """The vision path alone (CLIP tower, JBU stack, projector): images -> visual tokens.
+
+    :class:`HiwinForCausalLM` adds the LLM; exporting or benchmarking the vision graphs needs only
+    this. Its crops run through the one :class:`~hiwin_runtime.crop_chain.CropChain`.
+    """
+
     def __init__(self, config: HiwinConfig, *, dtype: torch.dtype = torch.float32, device=None,
                  attn_implementation: str = "sdpa"):
         super().__init__()
-        from transformers import LlamaForCausalLM
-
         self.config = config
         kw = dict(device=device, dtype=dtype)
         self.vision_tower = VisionTower(config.vision, attn_implementation=attn_implementation, **kw)
@@ -56,10 +63,6 @@ class HiwinForCausalLM(nn.Module):
         self.jbu = JBUStack(j.dim, j.key_dim, j.radius, j.fixup_scale, **kw)
         p = config.projector
         self.projector = HiwinProjector(p.dim, p.vision_dim, p.num_heads, p.grid, p.eps, **kw)
-        llama = config.llama_config()
-        llama._attn_implementation = attn_implementation
-        self.llm = LlamaForCausalLM(llama).to(**kw)
-        self.processor: HiwinProcessor | None = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -69,31 +72,52 @@ class HiwinForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.projector.proj.device
 
+    def stages(self) -> Stages:
+        """ViT, JBU and projector as crop-chain stages (inputs moved to the model's device/dtype)."""
+        def vit(pixels: Tensor) -> Tensor:
+            return self.vision_tower(torch.as_tensor(pixels).to(device=self.device, dtype=self.dtype))
+
+        def jbu(f1: Tensor, pixels: Tensor) -> tuple[Tensor, Tensor]:
+            return self.jbu(f1, torch.as_tensor(pixels).to(device=self.device, dtype=self.dtype))
+
+        def projector(bucket: tuple[int, int], f1: Tensor, f2: Tensor, f4: Tensor) -> Tensor:
+            return self.projector([f1, f2, f4], grid_hw=bucket)
+
+        return Stages(vit, jbu, projector)
+
+    def crop_chain(self, policy: BatchPolicy = BatchPolicy(), stages: Stages | None = None) -> CropChain:
+        """The one crop chain over this model's stages (or over wrappers of them: parity, benchmarks).
+        Default policy: the ViT batched per crop shape, JBU and projector crop by crop, which bounds
+        memory at real dimensions."""
+        return CropChain(stages or self.stages(), patch_size=self.config.vision.patch_size, ops=TORCH_OPS,
+                         policy=policy)
+
+    def encode_crops(self, pixels: Tensor) -> Tensor:
+        """(B, 3, H, W) normalised crops of one shape -> (B, 144, C) visual tokens."""
+        return self.crop_chain(BatchPolicy(None, None)).encode_group(pixels)
+
+    def encode_prepared(self, prepared: PreparedImage) -> Tensor:
+        """All crops of one image -> (n+1, 144, C) in crop order."""
+        return self.crop_chain().encode_crops(prepared.crops)
+
+
+class HiwinForCausalLM(HiwinVision):
+    def __init__(self, config: HiwinConfig, *, dtype: torch.dtype = torch.float32, device=None,
+                 attn_implementation: str = "sdpa"):
+        super().__init__(config, dtype=dtype, device=device, attn_implementation=attn_implementation)
+        from transformers import LlamaForCausalLM
+
+        llama = llama_config(config)
+        llama._attn_implementation = attn_implementation
+        self.llm = LlamaForCausalLM(llama).to(device=device, dtype=dtype)
+        self.processor: HiwinProcessor | None = None
+
     @property
     def context_length(self) -> int:
         """Tokens the LLM attends over (prompt + answer): the released ``tokenizer_model_max_length``."""
         return int(self.config.raw.get("tokenizer_model_max_length", self.llm.config.max_position_embeddings))
 
     # ------------------------------------------------------------------ vision path
-    def encode_crops(self, pixels: Tensor) -> Tensor:
-        """(B, 3, H, W) normalised crops of one shape -> (B, 144, C) visual tokens."""
-        x = pixels.to(device=self.device, dtype=self.dtype)
-        f1 = self.vision_tower(x)
-        f2, f4 = self.jbu(f1, x)
-        return self.projector([f1, f2, f4])
-
-    def encode_prepared(self, prepared: PreparedImage) -> Tensor:
-        """All crops of one image -> (n+1, 144, C). The ViT runs batched per crop shape; JBU and
-        projector run crop by crop, which bounds memory at real dimensions."""
-        out: list[Tensor | None] = [None] * len(prepared.crops)
-        for idx in prepared.shape_groups().values():
-            batch = stack_group(prepared.crops, idx).to(device=self.device, dtype=self.dtype)
-            f1 = self.vision_tower(batch)
-            for j, i in enumerate(idx):
-                f2, f4 = self.jbu(f1[j:j + 1], batch[j:j + 1])
-                out[i] = self.projector([f1[j:j + 1], f2, f4])[0]
-        return torch.stack(out)  # type: ignore[arg-type]
-
     def separator_embeddings(self) -> tuple[Tensor, Tensor]:
         ids = self._processor().ids
         emb = self.llm.get_input_embeddings()

@@ -1,4 +1,4 @@
-"""Hiwin projector of LLaVA-UHD v2 (MODEL.md §4), the released ``AdaptSpatialResampler``.
+"""Hiwin projector of LLaVA-UHD v2 (docs/model.md §4), the released ``AdaptSpatialResampler``.
 
 Per crop and level L in (1x, 2x, 4x): project every position (Linear Cv->C, shared ``ln_kv``),
 add the bicubic-resized sin-cos key positions and the level embedding to get keys (values are the
@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from hiwin_runtime.buckets import GRID_CANDIDATES, sampling_grid  # noqa: F401  (re-exported)
+
 from .roi_align import roi_align
 
 LEVELS = ("1x", "2x", "4x")
-# (w, h) sampling-grid candidates of the released code, in its order.
-GRID_CANDIDATES = ((4, 2), (3, 2), (4, 3), (3, 3), (2, 4), (2, 3), (3, 4))
 
 
 def sincos_table(dim: int, grid: int) -> Tensor:
@@ -46,17 +46,6 @@ def sincos_table(dim: int, grid: int) -> Tensor:
     cols, rows = np.meshgrid(g, g)  # cols varies along the last axis: row-major token order
     table = np.concatenate([one_d(dim // 2, cols), one_d(dim // 2, rows)], axis=1)
     return torch.from_numpy(table.astype(np.float32))
-
-
-def sampling_grid(width: int, height: int) -> tuple[int, int]:
-    """(oh, ow) RoI-align output size for a feature map of this aspect ratio (strict argmin)."""
-    log_r = math.log(width / height)
-    best, best_err = (3, 3), float("inf")
-    for w, h in GRID_CANDIDATES:
-        err = abs(log_r - math.log(w / h))
-        if err < best_err:
-            best, best_err = (h, w), err
-    return best
 
 
 def window_boxes_traced(height, width, grid: int = 12, device=None) -> Tensor:
@@ -146,7 +135,7 @@ class HiwinProjector(nn.Module):
         f = self.ln_kv(f)
         key = f + self.key_positions(H, W) + getattr(self, f"feature_{level}_embedding")
         # Precision policy: boxes (float32, as released) are rounded to the model dtype (as the
-        # shipped bf16 model does, MODEL.md §4.7; a no-op in fp32) and RoI-align runs in at least
+        # shipped bf16 model does, docs/model.md §4.7; a no-op in fp32) and RoI-align runs in at least
         # fp32, then casts back.
         acc = torch.promote_types(f.dtype, torch.float32)
         if isinstance(H, int) and isinstance(W, int):  # eager: the released float64 arithmetic

@@ -15,7 +15,7 @@ Implementation: bilinear sampling and bin averaging are separable in y and x (th
 rule is an AND of a y and an x condition), so each bin is ``Ay[k, p, :] @ F[k] @ Ax[k, q, :]^T``
 with small per-box interpolation matrices restricted to the rows/columns the box touches. Boxes
 are processed in chunks to bound memory. Everything runs in the input's dtype; the model calls
-it in fp32 (MODEL.md §4.5).
+it in fp32 (docs/model.md §4.5).
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""CLIP ViT-L/14-336 vision tower (MODEL.md §2), built from ``transformers``' CLIP modules.
+"""CLIP ViT-L/14-336 vision tower (docs/model.md §2), built from ``transformers``' CLIP modules.
 
 Only the blocks that layer -2 needs are built (23 of 24). Position embeddings are resized with
 bicubic interpolation (``align_corners=False``) to the crop's patch grid, CLS position kept,

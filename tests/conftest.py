@@ -49,7 +49,7 @@ OFFICIAL_KEYS = Path(__file__).with_name("data") / "official_keys.tsv"
 
 
 def official_keys() -> dict[str, tuple[tuple[int, ...], str]]:
-    """key -> (shape, group) of the released multimodal keys at real dims (MODEL.md §6)."""
+    """key -> (shape, group) of the released multimodal keys at real dims (docs/model.md §6)."""
     out = {}
     for line in OFFICIAL_KEYS.read_text().splitlines():
         if not line or line.startswith("#"):

@@ -40,7 +40,7 @@ def test_real_dims_key_names_and_shapes_match_official():
         "unused kv_proj", "unused 8x level", "CLIP block after the selected layer (never runs)",
         "CLIP post_layernorm (not used by layer -2 features)"}
     n_proj = sum(torch.Size(s).numel() for k, (s, g) in official.items() if g == "projector.resampler")
-    assert round(n_proj / 1e6, 1) == 175.6  # MODEL.md §6
+    assert round(n_proj / 1e6, 1) == 175.6  # docs/model.md §6
     assert cfg.projector.num_heads == 32 and cfg.vision.layers_built == 23
 
 

@@ -41,7 +41,7 @@ def test_bad_inputs_exit_2_with_a_message(tiny_dir, tmp_path, capsys):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("torchrun") is None, reason="needs torchrun (ships with torch)")
 def test_stage1_under_torchrun_ddp(tiny_dir, tmp_path):
-    from hiwin_model.demo import write_training_data
+    from hiwin_model.synthetic import write_training_data
 
     data = write_training_data(tmp_path / "data", n=4)
     env = dict(os.environ, OMP_NUM_THREADS="1")

@@ -11,6 +11,8 @@ import torch
 from conftest import random_image
 from hiwin_export import export as export_mod
 from hiwin_export.export import export_model
+from hiwin_runtime.buckets import apply_bucket_rule
+from hiwin_runtime.graph_id import GraphId
 from hiwin_export.graphs import HIWIN_BUCKETS
 from hiwin_export.manifest import ExportDir, ExportError
 from hiwin_export.parity import Harness, OnnxRunner, error_stats
@@ -55,7 +57,15 @@ def test_manifest_and_files(exported):
     mf = json.loads((exported / "manifest.json").read_text())
     assert sorted(mf["graphs"]) == sorted(ALL + ALL16)
     assert {mf["graphs"][g]["precision"] for g in ALL16} == {"fp16"}
-    assert mf["opset"] == 18 and mf["precision"] == "fp32"
+    assert mf["opset"] == 18 and mf["manifest_version"] == 2
+    for name, entry in mf["graphs"].items():  # the typed identity is in every entry
+        gid = GraphId.parse(name)
+        assert (entry["family"], entry["precision"], entry["file"]) == (gid.family, gid.precision, gid.file)
+        assert entry["bucket"] == (list(gid.bucket) if gid.bucket else None)
+    rule = mf["buckets"]["rule"]  # the bucket rule as data: a consumer needs nothing else
+    assert all(GraphId("hiwin", apply_bucket_rule(rule, w, h)).name in mf["graphs"]
+               for w in range(2, 40) for h in range(2, 40))
+    assert mf["buckets"]["graphs"]["2x3"] == "hiwin_2x3"
     assert mf["graphs"]["vit"]["inputs"][0]["name"] == "pixel_values"
     assert [o["name"] for o in mf["graphs"]["jbu"]["outputs"]] == ["feat2x", "feat4x"]
     assert mf["graphs"]["hiwin_2x3"]["sampling_grid"] == [2, 3]
@@ -116,7 +126,7 @@ def test_jbu_graph_is_tensorrt_friendly(exported):
 
 
 def test_fp16_graphs_follow_the_precision_policy(exported):
-    from hiwin_export.export import FP16_KEEP_FP32, _shape_derived_nodes
+    from hiwin_export.precision import FP16_KEEP_FP32, _shape_derived_nodes
 
     for name in ALL16:
         m = onnx.load(str(exported / f"{name}.onnx"), load_external_data=False)
@@ -218,8 +228,8 @@ def test_export_is_atomic(tiny_model, exported, tmp_path, monkeypatch):
             raise RuntimeError("exporter crashed")
         return real(spec, model)
 
-    real = export_mod._export_one
-    monkeypatch.setattr(export_mod, "_export_one", fail_second)
+    real = export_mod.export_graph
+    monkeypatch.setattr(export_mod, "export_graph", fail_second)
     with pytest.raises(RuntimeError, match="exporter crashed"):
         export_model(tiny_model, target, overwrite=True, graphs=["vit", "jbu"], parity=None)
     after = {p.name: p.read_bytes() for p in target.iterdir() if p.is_file()}
@@ -271,8 +281,8 @@ def test_export_with_failing_parity_writes_nothing(tiny_model, tmp_path, monkeyp
     from hiwin_model.tiny import build_tiny_model
 
     other = build_tiny_model(seed=5)
-    real = export_mod._export_one
-    monkeypatch.setattr(export_mod, "_export_one", lambda spec, model: real(spec, other))
+    real = export_mod.export_graph
+    monkeypatch.setattr(export_mod, "export_graph", lambda spec, model: real(spec, other))
     with pytest.raises(ParityError, match="fail max_rel"):
         export_model(tiny_model, tmp_path / "out", graphs=["vit"], bundles=False)
     assert list(tmp_path.iterdir()) == []
@@ -286,5 +296,8 @@ def test_bench_workers_and_table(exported):
 
     res = {b: worker(b, str(exported), [(500, 300)], 1, True, 9) for b in ("torch", "ort")}
     assert res["torch"]["flops"]["500x300"]["vit"] > 0
-    table = format_table(res, 100.0, argparse.Namespace(tiny=True, repeats=1))
+    rep = format_table(res, 100.0, argparse.Namespace(tiny=True, repeats=1))
+    table = rep.markdown()
     assert "| 500x300 (3 crops) | **whole path** |" in table and "peak RSS" in table
+    whole = [r for r in rep.to_json()["rows"] if r["stage"] == "**whole path**"]
+    assert len(whole) == 1 and whole[0]["gflop"] > 0 and whole[0]["torch_s"] > 0  # the JSON carries the numbers

@@ -22,7 +22,7 @@ def test_batched_crops_equal_single_crops(tiny_model):
     prepared = tiny_model.processor.prepare_image(random_image(1024, 768, seed=3))
     crops = tiny_model.encode_prepared(prepared)
     with torch.no_grad():
-        singles = torch.cat([tiny_model.encode_crops(c[None]) for c in prepared.crops])
+        singles = torch.cat([tiny_model.encode_crops(torch.from_numpy(c)[None]) for c in prepared.crops])
     torch.testing.assert_close(crops, singles, rtol=1e-5, atol=1e-5)
 
 

@@ -11,7 +11,7 @@ from hiwin_model.slicing import (apply_plan, best_resize, choose_grid, normalize
 
 from conftest import random_image
 
-# MODEL.md §1 worked examples: (size, max_slices, overview, grid, slice size, LLM tokens)
+# docs/model.md §1 worked examples: (size, max_slices, overview, grid, slice size, LLM tokens)
 WORKED = [
     ((1024, 768), 7, (378, 280), (3, 2), (308, 350), 1033),
     ((1024, 1024), 7, (336, 336), (3, 2), (266, 406), None),

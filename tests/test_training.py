@@ -1,9 +1,12 @@
 """The three training stages run on the tiny model on this CPU, and the loss measurably drops."""
 
+from dataclasses import replace
+
 import pytest
 import torch
 
-from hiwin_model.demo import write_training_data
+from hiwin_model.synthetic import write_training_data
+from hiwin_model.train.common import deterministic_mode
 from hiwin_model.train.llm_stages import StageArgs, train_stage
 from hiwin_model.train.stage0 import CKPT_NAME, Stage0Args, train_stage0
 
@@ -47,12 +50,21 @@ def test_stage1_projector(tiny_dir, data, tmp_path):
 
 
 def test_stage1_resume_is_exact(tiny_dir, data, tmp_path):
+    """A run killed after its step-6 save and resumed gives the uninterrupted run's losses and weights,
+    bit for bit. Exact by construction: deterministic=True runs every loop on one CPU thread with
+    deterministic algorithms (train.common.deterministic_mode), so no kernel's summation order depends
+    on thread scheduling or the machine's load (with the default threads, two identical runs in one
+    process once differed by 1 ulp on a loaded 2-core machine)."""
     common = dict(stage=1, model=str(tiny_dir), data=str(data / "pretrain.json"), image_folder=str(data / "images"),
-                  batch_size=2, log_every=100)
+                  batch_size=2, log_every=100, deterministic=True)
+    before = _determinism_settings()
     full = train_stage(StageArgs(output=str(tmp_path / "full"), steps=12, **common))
     first6 = _run_until(common, tmp_path / "resumed", 6)  # as if killed right after the step-6 save
     rest = train_stage(StageArgs(output=str(tmp_path / "resumed"), steps=12, resume=True, **common))
-    assert len(rest) == 6 and first6 + rest == full
+    assert _determinism_settings() == before  # the loop restores what it changed
+    assert len(first6) == 6 and len(rest) == 6
+    assert first6 == full[:6]  # two identical runs agree before any resume
+    assert first6 + rest == full
     a = torch.load(tmp_path / "full" / "mm_projector.bin", weights_only=True)
     b = torch.load(tmp_path / "resumed" / "mm_projector.bin", weights_only=True)
     assert a.keys() == b.keys()
@@ -60,27 +72,55 @@ def test_stage1_resume_is_exact(tiny_dir, data, tmp_path):
 
 
 def _run_until(common, out, stop):
-    """Run a 12-step schedule but stop after ``stop`` steps (as if killed right after a save)."""
+    """Run a 12-step schedule but stop after ``stop`` steps (as if killed right after a save).
+
+    The real loop runs (deterministic mode included); only its end is moved: the scheduler was
+    built for the 12 steps, and the loop saves at ``stop``."""
     import hiwin_model.train.llm_stages as stages
 
     real = stages.run_loop
 
     def truncated(step_fn, params, opt, sched, cfg, start, save, d):
-        losses = []
-        for step in range(start, stop):
-            opt.zero_grad(set_to_none=True)
-            losses.append(step_fn(step))
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-            opt.step()
-            sched.step()
-        save(stop)
-        return losses
+        return real(step_fn, params, opt, sched, replace(cfg, steps=stop), start, save, d)
 
     stages.run_loop = truncated
     try:
         return train_stage(StageArgs(output=str(out), steps=12, **common))
     finally:
         stages.run_loop = real
+
+
+def _determinism_settings():
+    return (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+            torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.deterministic,
+            torch.backends.cudnn.benchmark)
+
+
+def test_deterministic_mode_sets_and_restores():
+    before = _determinism_settings()
+    with deterministic_mode():
+        assert torch.get_num_threads() == 1 and torch.are_deterministic_algorithms_enabled()
+        assert not torch.is_deterministic_algorithms_warn_only_enabled() and torch.backends.cudnn.deterministic
+    assert _determinism_settings() == before
+    with pytest.raises(KeyError):
+        with deterministic_mode(threads=1):
+            raise KeyError("restored on errors too")
+    assert _determinism_settings() == before
+    with deterministic_mode(enabled=False):
+        assert _determinism_settings() == before
+
+
+def test_stage0_is_reproducible(tiny_dir, data, tmp_path):
+    """Stage 0 from scratch, twice in one process: identical losses (jitters, dropout and CRF samples
+    are seeded; deterministic=True fixes the kernels' summation order)."""
+    kw = dict(model=str(tiny_dir), images=str(data / "images"), steps=3, batch_size=2, res=112, crf_samples=50,
+              log_every=100, deterministic=True)
+    a = train_stage0(Stage0Args(output=str(tmp_path / "a"), **kw))
+    b = train_stage0(Stage0Args(output=str(tmp_path / "b"), **kw))
+    assert len(a) == 3 and a == b
+    sa = torch.load(tmp_path / "a" / CKPT_NAME, weights_only=True)["state_dict"]
+    sb = torch.load(tmp_path / "b" / CKPT_NAME, weights_only=True)["state_dict"]
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
 def test_stage2_full_finetune(tiny_dir, data, tmp_path):

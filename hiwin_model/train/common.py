@@ -3,6 +3,19 @@
 Multi-GPU runs go through ``torchrun`` (``torch.distributed`` + DDP); a single process needs no
 launcher. Checkpoints are written atomically: model weights in the official layout, plus
 ``trainer_state.pt`` (optimizer, scheduler, step, RNG) read back with ``weights_only=True``.
+
+Reproducibility (see :func:`deterministic_mode`): every stage seeds its RNGs from ``seed``, so two
+runs see the same data order, initialisation, dropout masks and jitters. Whether they also compute
+the same bits depends on the kernels: by default the loop runs with all intra-op threads, and
+multithreaded CPU kernels (MKL/OpenMP GEMMs and reductions) need not add in the same order from one
+run to the next when the machine is loaded, so losses may differ in the last ulp. With
+``LoopConfig(deterministic=True)`` (``StageArgs`` / ``Stage0Args`` ``deterministic=True``) the loop
+runs under :func:`deterministic_mode`, and on CPU a single-process run is bitwise reproducible: the
+same arguments, data, torch build and CPU give the same losses and weights however loaded the
+machine is, and a stage 1 / stage 2 run resumed from ``trainer_state.pt`` continues bit for bit as
+the uninterrupted run (``tests/test_training.py::test_stage1_resume_is_exact``). Stage 0 is
+reproducible from scratch, but its checkpoint (the official layout) holds no RNG state, so a
+resumed stage 0 draws other jitters than the uninterrupted run.
 """
 
 from __future__ import annotations
@@ -13,6 +26,7 @@ import math
 import os
 import random
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -169,6 +183,40 @@ def cosine_with_warmup(opt: torch.optim.Optimizer, steps: int, warmup_ratio: flo
     return torch.optim.lr_scheduler.LambdaLR(opt, f)
 
 
+# ---------------------------------------------------------------------------- determinism
+@contextmanager
+def deterministic_mode(enabled: bool = True, threads: int = 1) -> Iterator[None]:
+    """Run the body with bitwise-reproducible kernels; the previous settings come back on exit.
+
+    Inside: ``torch.use_deterministic_algorithms(True)`` (an op without a deterministic
+    implementation raises instead of running; ``torch.empty`` memory is filled, so a kernel that
+    read uninitialised memory could not hide), ``threads`` intra-op CPU threads (default 1: every
+    CPU kernel, MKL GEMMs included, adds in one fixed order whatever the machine's load), and cuDNN
+    deterministic with benchmarking off. What this guarantees: on CPU, the same computation on the
+    same inputs gives the same bits, within a process and between processes, for one torch build
+    on one CPU type (not across torch versions or instruction sets). On CUDA it removes the known
+    sources of run-to-run differences but needs ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` in the
+    environment before start, and ops with no deterministic CUDA kernel raise. RNG seeding is the
+    caller's (the stages seed from ``seed``). ``enabled=False`` changes nothing.
+    """
+    if not enabled:
+        yield
+        return
+    saved = (torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), torch.backends.cudnn.deterministic,
+             torch.backends.cudnn.benchmark)
+    torch.set_num_threads(threads)
+    torch.use_deterministic_algorithms(True)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        n, det, warn_only, cudnn_det, cudnn_bench = saved
+        torch.set_num_threads(n)
+        torch.use_deterministic_algorithms(det, warn_only=warn_only)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn_det, cudnn_bench
+
+
 # ---------------------------------------------------------------------------- loop
 @dataclass
 class LoopConfig:
@@ -176,30 +224,38 @@ class LoopConfig:
     log_every: int = 10
     save_every: int = 0  # 0: only at the end
     grad_clip: float = 1.0
+    deterministic: bool = False  # run the loop under deterministic_mode(): bitwise reproducible on CPU
 
 
 def run_loop(step_fn: Callable[[int], float], params: list[nn.Parameter], opt, sched, cfg: LoopConfig,
              start_step: int, save: Callable[[int], None], d: Dist) -> list[float]:
-    """Call ``step_fn(step)`` (forward + backward, returns the loss), clip, step; log and save."""
-    losses: list[float] = []
-    t0 = time.perf_counter()
-    for step in range(start_step, cfg.steps):
-        opt.zero_grad(set_to_none=True)
-        loss = step_fn(step)
-        if cfg.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        opt.step()
-        if sched is not None:
-            sched.step()
-        losses.append(loss)
-        done = step + 1
-        if d.main and (done % cfg.log_every == 0 or done == cfg.steps):
-            rate = (done - start_step) / (time.perf_counter() - t0)
-            log.info("step %d/%d  loss %.4f  lr %.2e  %.2f it/s", done, cfg.steps, loss,
-                     opt.param_groups[0]["lr"], rate)
-        if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
-            save(done)
-    save(cfg.steps)
+    """Call ``step_fn(step)`` (forward + backward, returns the loss), clip, step; log and save.
+
+    With ``cfg.deterministic`` the whole loop (forward, backward, optimizer, saves) runs under
+    :func:`deterministic_mode` (one CPU thread, deterministic algorithms), restored on return: a
+    run, or a run resumed from its last save, then reproduces the losses and weights bit for bit on
+    CPU (see the module docstring for what is and is not covered).
+    """
+    with deterministic_mode(cfg.deterministic):
+        losses: list[float] = []
+        t0 = time.perf_counter()
+        for step in range(start_step, cfg.steps):
+            opt.zero_grad(set_to_none=True)
+            loss = step_fn(step)
+            if cfg.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+            opt.step()
+            if sched is not None:
+                sched.step()
+            losses.append(loss)
+            done = step + 1
+            if d.main and (done % cfg.log_every == 0 or done == cfg.steps):
+                rate = (done - start_step) / (time.perf_counter() - t0)
+                log.info("step %d/%d  loss %.4f  lr %.2e  %.2f it/s", done, cfg.steps, loss,
+                         opt.param_groups[0]["lr"], rate)
+            if cfg.save_every and done % cfg.save_every == 0 and done < cfg.steps:
+                save(done)
+        save(cfg.steps)
     return losses
 
 

@@ -1,4 +1,4 @@
-"""Stages 1 and 2 of LLaVA-UHD v2 training (MODEL.md §7).
+"""Stages 1 and 2 of LLaVA-UHD v2 training (docs/model.md §7).
 
 * Stage 1: only the Hiwin projector trains (the JBU stays frozen); the overview alone (no
   slices); ``plain`` template; LLaVA-Pretrain-style JSON; AdamW, cosine schedule with 3 % warmup;
@@ -6,7 +6,9 @@
 * Stage 2: LLM + projector + CLIP + the JBU stack's ``fixup_proj`` train; slices (max 7);
   ``vicuna_v1`` template, loss on the assistant's answers only; writes a full HF directory.
 
-Both resume from ``trainer_state.pt`` in the output directory (``--resume``).
+Both resume from ``trainer_state.pt`` in the output directory (``--resume``). With
+``deterministic=True`` (CPU, one process) a resumed run continues bit for bit as the uninterrupted
+run would have; see :mod:`.common` for the exact guarantee.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ class StageArgs:
     log_every: int = 10
     save_every: int = 0
     device: str | None = None
+    deterministic: bool = False  # bitwise-reproducible loop on CPU (train.common.deterministic_mode)
 
 
 def trainable_parameters(model: HiwinForCausalLM, stage: int) -> list[nn.Parameter]:
@@ -139,4 +142,5 @@ def train_stage(args: StageArgs) -> list[float]:
                 trainer_state(step, opt, sched), tmp / "trainer_state.pt"))
         log.info("saved step %d to %s", step, out)
 
-    return run_loop(step_fn, params, opt, sched, LoopConfig(steps, args.log_every, args.save_every), start, save, d)
+    return run_loop(step_fn, params, opt, sched, LoopConfig(steps, args.log_every, args.save_every,
+                                                            deterministic=args.deterministic), start, save, d)

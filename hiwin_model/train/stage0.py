@@ -232,6 +232,7 @@ class Stage0Args:
     log_every: int = 10
     save_every: int = 0
     device: str | None = None
+    deterministic: bool = False  # bitwise-reproducible loop on CPU (resume excepted: see train.common)
 
 
 CKPT_NAME = "clip-large-jbu.ckpt"
@@ -278,4 +279,5 @@ def train_stage0(args: Stage0Args) -> list[float]:
                            "optimizer_states": [opt.state_dict()]}, ckpt)
         log.info("saved step %d to %s", step, ckpt)
 
-    return run_loop(step_fn, params, opt, None, LoopConfig(args.steps, args.log_every, args.save_every), start, save, d)
+    return run_loop(step_fn, params, opt, None, LoopConfig(args.steps, args.log_every, args.save_every,
+                                                           deterministic=args.deterministic), start, save, d)

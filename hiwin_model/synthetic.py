@@ -1,4 +1,6 @@
-"""Generated images and training data, so every command runs offline on a fresh machine."""
+"""Synthetic images and training data, so every command runs offline on a fresh machine: the pages
+parity and the benchmarks encode (many aspect ratios), the main job's demo page, and the small
+LLaVA-format data sets the training stages read. Pillow only (no torch)."""
 
 from __future__ import annotations
 
@@ -34,6 +36,11 @@ def draw_scene(width: int, height: int, shape: str, colour: str, text: str = "",
     if text:
         d.text((10, 10), text, fill=(0, 0, 0))
     return img
+
+
+def parity_pages(sizes) -> list[Image.Image]:
+    """One page per (width, height), labelled with its size, for parity sweeps."""
+    return [draw_scene(w, h, "circle", "red", f"{w}x{h}", seed=i) for i, (w, h) in enumerate(sizes)]
 
 
 def demo_image() -> Image.Image:

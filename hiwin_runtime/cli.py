@@ -1,0 +1,80 @@
+"""``hiwin-run``: answer a question about an image from an export directory, without torch.
+
+  hiwin-run --model EXPORT_DIR --image FILE --prompt TEXT [--precision fp16] [--max-new-tokens N]
+
+The answer streams to stdout, the timings go to stderr. ``hiwin-export run`` is the same command
+with defaults that need the exporter (the embedded tiny model, a generated page).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+log = logging.getLogger("hiwin_runtime")
+
+
+def add_run_args(r: argparse.ArgumentParser, *, model_required: bool = True) -> None:
+    r.add_argument("--model", required=model_required,
+                   help="export directory (ONNX Runtime) or HF model directory (PyTorch, needs hiwin[model])")
+    r.add_argument("--image", required=model_required, help="image file")
+    r.add_argument("--prompt", default="What is in the image?")
+    r.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch"])
+    r.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="which exported graphs (ORT)")
+    r.add_argument("--max-new-tokens", type=int, default=64)
+    r.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
+    r.add_argument("--top-p", type=float, default=1.0)
+    r.add_argument("--seed", type=int, default=None)
+    r.add_argument("--max-slices", type=int, default=None)
+    r.add_argument("--template", default=None, choices=["vicuna_v1", "plain"])
+
+
+def run(a, path: str, image) -> int:
+    """Load ``path``, answer about ``image`` streaming to stdout, timings to stderr."""
+    from .pipeline import Pipeline
+
+    settings = dict(max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0,
+                    temperature=a.temperature if a.temperature > 0 else 1.0, top_p=a.top_p, seed=a.seed,
+                    max_slices=a.max_slices, template=a.template)
+    kw = {} if a.backend == "torch" else {"precision": a.precision}
+    pipe = Pipeline.load(path, backend=a.backend, **kw)
+    log.info("backend: %s", pipe.backend.name)
+
+    def on_text(t: str) -> None:
+        sys.stdout.write(t)
+        sys.stdout.flush()
+
+    ans = pipe.generate(image, a.prompt, on_text=on_text, **settings)
+    sys.stdout.write("\n")
+    t = ans.timings
+    print(f"[{pipe.backend.name}] {ans.visual_tokens} visual + {ans.prompt_tokens - ans.visual_tokens} text "
+          f"prompt tokens; {len(ans.token_ids)} new tokens ({ans.finish_reason}); vision {t['vision_s']:.2f} s, "
+          f"prefill {t['prefill_s']:.2f} s, time to first token {t['ttft_s']:.2f} s, decode "
+          f"{ans.decode_tokens_per_s:.1f} tokens/s", file=sys.stderr)
+    return 0
+
+
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors that are the input's fault: reported in one line, exit status 2."""
+    from .config import ConfigError
+    from .image import ImageError
+    from .manifest import ExportError
+
+    return (ExportError, ConfigError, ImageError, FileNotFoundError, FileExistsError, ValueError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="hiwin-run", description=__doc__.split("\n\n")[0])
+    add_run_args(ap)
+    a = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    try:
+        return run(a, a.model, a.image)
+    except user_errors() as e:
+        print(f"hiwin-run: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
