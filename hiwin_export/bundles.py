@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from hiwin_model.synthetic import draw_scene
 from hiwin_runtime.crop_chain import Recorder
 from hiwin_runtime.graph_id import GraphId
 from hiwin_runtime.slicing import normalize
@@ -55,15 +54,18 @@ def _save(graph_dir: Path, feeds: dict[str, np.ndarray], outs: dict[str, np.ndar
     return info
 
 
-def write_bundles(model, out_dir: Path, graphs: set[GraphId], bound: float = FP32_MAX_REL) -> dict[str, list[str]]:
-    """Write bundles for the exported fp32 vision ``graphs`` into ``out_dir/bundles``: one generated
-    crop per shape in :data:`BUNDLE_GRIDS` through the reference crop chain, each stage call saved
-    with the graph's I/O names. Returns {graph name: [bundle dirs]}."""
+def write_bundles(model, out_dir: Path, graphs: set[GraphId], crops, bound: float = FP32_MAX_REL) -> dict[str, list[str]]:
+    """Write bundles for the exported fp32 vision ``graphs`` into ``out_dir/bundles``: each crop image
+    (sides multiples of the patch size; the exporter passes one per shape in :data:`BUNDLE_GRIDS`)
+    through the reference crop chain, each stage call saved with the graph's I/O names.
+    Returns {graph name: [bundle dirs]}."""
     p = model.config.vision.patch_size
     written: dict[str, list[str]] = {}
     root = out_dir / "bundles"
-    for i, (h, w) in enumerate(BUNDLE_GRIDS):
-        img = draw_scene(p * w, p * h, ("circle", "square", "triangle")[i % 3], "green", f"bundle {h}x{w}", seed=i)
+    for img in crops:
+        if img.width % p or img.height % p:
+            raise ValueError(f"bundle crop of {img.width}x{img.height} px is not a multiple of the {p}-px patch")
+        h, w = img.height // p, img.width // p
         recorder = Recorder()
         with torch.no_grad():
             model.crop_chain(stages=recorder.wrap(model.stages())).encode_crops([normalize(img)])

@@ -75,12 +75,15 @@ def export_model(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
                                      if p.is_file()}
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         if bundles:
-            from .bundles import write_bundles
+            from hiwin_model.synthetic import bundle_crops
+
+            from .bundles import BUNDLE_GRIDS, write_bundles
 
             vision = {gid for gid in exported if gid.is_vision and gid.precision == "fp32"}
             if vision:
                 log.info("writing Polygraphy parity bundles ...")
-                manifest["bundles"] = write_bundles(model, tmp, vision)
+                crops = bundle_crops(BUNDLE_GRIDS, model.config.vision.patch_size)
+                manifest["bundles"] = write_bundles(model, tmp, vision, crops)
         if parity:
             manifest["parity"] = _run_parity(model, tmp, parity, set(exported))
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))

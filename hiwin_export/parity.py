@@ -152,13 +152,11 @@ class Harness:
                     ref.projector(gid.bucket, *feats)
         self._check_calls(stages, f"random, batch {batch}")
 
-    def image_cases(self, images=None, max_slices: int = 9) -> None:
-        """Real pages: every stage call of the reference chain checked on its own inputs, then the
-        whole ONNX chain (each graph fed the previous graph's outputs) against the reference tokens."""
-        from hiwin_model.synthetic import parity_pages
-
+    def image_cases(self, images, max_slices: int = 9) -> None:
+        """Real pages (the caller's images: files, or generated pages over :data:`IMAGE_SIZES`):
+        every stage call of the reference chain checked on its own inputs, then the whole ONNX chain
+        (each graph fed the previous graph's outputs) against the reference tokens."""
         m = self.model
-        images = images if images is not None else parity_pages(IMAGE_SIZES)
         nl, comma = (t.detach() for t in m.separator_embeddings())
         onnx_chain = CropChain(self.runner.vision_stages(self.precision), patch_size=m.config.vision.patch_size,
                                policy=BatchPolicy(None, None), bucket_for=self.export.bucket_for)

@@ -43,6 +43,12 @@ def parity_pages(sizes) -> list[Image.Image]:
     return [draw_scene(w, h, "circle", "red", f"{w}x{h}", seed=i) for i, (w, h) in enumerate(sizes)]
 
 
+def bundle_crops(grids, patch_size: int = 14) -> list[Image.Image]:
+    """One crop-sized page per (h, w) patch grid, for the Polygraphy bundles."""
+    return [draw_scene(patch_size * w, patch_size * h, ("circle", "square", "triangle")[i % 3], "green", f"bundle {h}x{w}", seed=i)
+            for i, (h, w) in enumerate(grids)]
+
+
 def demo_image() -> Image.Image:
     """The main job's default input: a 1024x768 scene (3x2 slices + overview, 1033 tokens at max 7)."""
     return draw_scene(1024, 768, "circle", "blue", "LLaVA-UHD v2 demo page: a blue circle", seed=1)

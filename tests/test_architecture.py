@@ -96,3 +96,23 @@ def test_one_crop_chain():
     users = sorted(name for name, path in _modules().items()
                    if "shape_groups(" in path.read_text() and name != "hiwin_runtime.crop_chain")
     assert users == ["hiwin_runtime.processor"]  # PreparedImage.shape_groups() delegates to it
+
+
+def test_public_names_stay_importable():
+    """Names users import from before the runtime moved out keep working."""
+    from hiwin_export.runtime import GenerationConfig, OnnxRunner, Pipeline, TorchBackend  # noqa: F401
+    from hiwin_model.image import ImageError, load_image  # noqa: F401
+    from hiwin_model.jbu import JBUStack  # noqa: F401
+    from hiwin_model.layout import layout_image_tokens, num_image_tokens  # noqa: F401
+    from hiwin_model.model import HiwinForCausalLM  # noqa: F401
+    from hiwin_model.processor import HiwinProcessor  # noqa: F401
+    from hiwin_model.projector import HiwinProjector, sampling_grid  # noqa: F401
+    from hiwin_model.slicing import normalize, plan_slices, slice_image
+    from hiwin_runtime import Pipeline as RuntimePipeline
+
+    assert Pipeline is RuntimePipeline
+    from PIL import Image
+
+    img = Image.new("RGB", (500, 300), (10, 20, 30))
+    assert slice_image(img).plan == plan_slices((500, 300))
+    assert type(normalize(img)).__module__.startswith("torch")  # the reference's normalize stays a tensor

@@ -12,7 +12,7 @@ from hiwin_model.checkpoint import (CheckpointError, ignored_reason, official_st
 from hiwin_model.config import ConfigError, HiwinConfig
 from hiwin_model.model import HiwinForCausalLM
 
-RELEASED_CONFIG = json.loads((Path(__file__).with_name("data") / "released_config.json").read_text())
+RELEASED_CONFIG = json.loads((Path(__file__).resolve().parents[1] / "data" / "released_config.json").read_text())
 
 
 def test_rename_table_round_trips():

@@ -11,7 +11,7 @@ from hiwin_model.config import (ConfigError, HiwinConfig, JBUConfig, ProjectorCo
                                 VisionConfig)
 from hiwin_model.tiny import TINY_CONFIG, tiny_config
 
-RELEASED_CONFIG = json.loads((Path(__file__).with_name("data") / "released_config.json").read_text())
+RELEASED_CONFIG = json.loads((Path(__file__).resolve().parents[1] / "data" / "released_config.json").read_text())
 
 # A config where every field of every part differs from its default, and the slicing differs from the
 # vision tower's geometry (the widths agree where config.json has a single key for them).
