@@ -39,7 +39,7 @@ def cmd_export(a) -> int:
     graphs = a.graphs.split(",") if a.graphs else None
     mf = export_model(_model(a.model), a.out, overwrite=a.overwrite, graphs=graphs, bundles=not a.no_bundles,
                        parity=None if a.parity == "none" else a.parity,
-                       precisions=("fp32",) if a.no_fp16 else ("fp32", "fp16"))
+                       precisions=("fp32",) if a.no_fp16 else ("fp32", "fp16"), projector_impl=a.projector_impl)
     print(f"{a.out}: {len(mf['graphs'])} graphs ({', '.join(sorted(mf['graphs']))}), opset {mf['opset']}")
     return 0
 
@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="check the graphs before the directory is put in place (default: quick)")
     e.add_argument("--no-bundles", action="store_true", help="skip the Polygraphy parity bundles")
     e.add_argument("--no-fp16", action="store_true", help="skip the fp16 (strongly typed) variants")
+    e.add_argument("--projector-impl", default="fast", choices=["fast", "faithful"],
+                   help="projector graphs: fast (separable RoI MatMuls, keys absorbed; default) or faithful "
+                        "(ONNX RoiAlign, the released order of operations)")
     e.set_defaults(func=cmd_export)
     p = sub.add_parser("parity", help="compare the graphs with the PyTorch reference (ONNX Runtime)")
     p.add_argument("--model", help="the HF model directory the graphs were exported from")
@@ -132,7 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    for name in ("onnxscript", "onnx_ir"):  # their optimizer passes log every folded constant
+    # onnxscript/onnx_ir log every folded constant; the fp16 converter dumps whole nodes at INFO
+    for name in ("onnxscript", "onnx_ir", "onnxruntime.transformers.float16"):
         logging.getLogger(name).setLevel(logging.WARNING)
     from hiwin_model.checkpoint import CheckpointError
     from hiwin_runtime.cli import user_errors

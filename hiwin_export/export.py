@@ -33,20 +33,22 @@ log = logging.getLogger("hiwin_export")
 
 def export_model(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
                  graphs: list[str] | None = None, bundles: bool = True, parity: str | None = "quick",
-                 precisions: tuple[str, ...] = ("fp32", "fp16")) -> dict:
+                 precisions: tuple[str, ...] = ("fp32", "fp16"), projector_impl: str = "fast") -> dict:
     """Export every (or the named) graph of ``model`` into ``out_dir``; returns the manifest.
 
     Vision graphs always; the ``embed`` and ``llm`` graphs, the tokenizer and the runtime facts
     (``manifest["language"]``) when ``model`` has its LLM. ``bundles`` writes Polygraphy parity
     bundles; ``parity`` ("quick", "full" or None) runs the harness on the fresh graphs before the
     directory is put in place: a graph beyond its bound aborts the export
-    (:class:`~hiwin_export.parity.ParityError`) and nothing is written.
+    (:class:`~hiwin_export.parity.ParityError`) and nothing is written. ``projector_impl``: the
+    form the projector graphs compute (docs/model.md §4.9); parity compares either with the
+    faithful reference.
     """
     if not set(precisions) <= {"fp32", "fp16"} or "fp32" not in precisions:
         raise ValueError(f"precisions must include fp32 and may add fp16, got {precisions}")
     if parity not in (None, "quick", "full"):
         raise ValueError(f"parity must be 'quick', 'full' or None, got {parity!r}")
-    known = graph_specs() + language_specs(model)
+    known = graph_specs(projector_impl) + language_specs(model)
     specs = [s for s in known if graphs is None or s.name in graphs]
     unknown = sorted(set(graphs or ()) - {s.name for s in known})
     if unknown or not specs:

@@ -20,21 +20,23 @@ from typing import Callable
 import torch
 from torch import Tensor, nn
 
+from hiwin_model.projector import EXPORT_MAX_SIDE
 from hiwin_runtime.buckets import HIWIN_BUCKETS
 from hiwin_runtime.graph_id import GraphId
 
 # Patch-grid range every graph is exported (and checked) for: 2 patches (28 px, what the JBU
 # needs) to 256 patches (3584 px) per side, which covers every crop the slicer produces.
 MIN_PATCHES, MAX_PATCHES, MAX_BATCH = 2, 256, 64
+assert 4 * MAX_PATCHES <= EXPORT_MAX_SIDE, "the fast projector's RoI sample bound must cover the 4x level"
 
 
 class _HiwinBucket(nn.Module):
-    def __init__(self, projector: nn.Module, grid_hw: tuple[int, int]):
+    def __init__(self, projector: nn.Module, grid_hw: tuple[int, int], impl: str):
         super().__init__()
-        self.projector, self.grid_hw = projector, grid_hw
+        self.projector, self.grid_hw, self.impl = projector, grid_hw, impl
 
     def forward(self, feat1x: Tensor, feat2x: Tensor, feat4x: Tensor) -> Tensor:
-        return self.projector([feat1x, feat2x, feat4x], grid_hw=self.grid_hw)
+        return self.projector([feat1x, feat2x, feat4x], grid_hw=self.grid_hw, impl=self.impl)
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,10 @@ def _feats(model, h=3, w=2, b=2, s=1):
     return torch.randn(b, model.config.vision.hidden_size, s * h, s * w)
 
 
-def graph_specs() -> list[GraphSpec]:
+def graph_specs(projector_impl: str = "fast") -> list[GraphSpec]:
+    """The vision specs. The projector graphs compute ``projector_impl`` (``fast``: separable RoI
+    MatMuls and absorbed keys; ``faithful``: ONNX ``RoiAlign`` and the released order); parity
+    always compares them with the faithful reference."""
     specs = [
         GraphSpec(GraphId("vit"), lambda m: m.vision_tower, ("pixel_values",), ("features",),
                   {"pixel_values": {0: "batch", 2: "14h", 3: "14w"}}, lambda m: (_pixels(m),)),
@@ -85,10 +90,11 @@ def graph_specs() -> list[GraphSpec]:
     ]
     for g in HIWIN_BUCKETS:
         specs.append(GraphSpec(
-            GraphId("hiwin", g), lambda m, g=g: _HiwinBucket(m.projector, g), ("feat1x", "feat2x", "feat4x"), ("tokens",),
+            GraphId("hiwin", g), lambda m, g=g: _HiwinBucket(m.projector, g, projector_impl), ("feat1x", "feat2x", "feat4x"), ("tokens",),
             {"feat1x": {0: "batch", 2: "h", 3: "w"}, "feat2x": {0: "batch", 2: "2h", 3: "2w"},
              "feat4x": {0: "batch", 2: "4h", 3: "4w"}},
-            lambda m: tuple(_feats(m, s=s) for s in (1, 2, 4)), meta={"sampling_grid": list(g)}))
+            lambda m: tuple(_feats(m, s=s) for s in (1, 2, 4)),
+            meta={"sampling_grid": list(g), "projector_impl": projector_impl}))
     return specs
 
 

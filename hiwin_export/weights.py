@@ -13,11 +13,12 @@ EXTERNAL_MIN_BYTES = 1024
 
 
 class SharedWeights:
-    """Appends initializers to one external-data file; identical tensors are stored once."""
+    """Appends initializers to one external-data file; identical bytes are stored once, whatever
+    their names (the exporter names folded weights, e.g. a transposed Linear weight, per graph)."""
 
     def __init__(self, path: Path):
         self.path, self.offset = path, 0
-        self.index: dict[tuple[str, str], tuple[int, int]] = {}
+        self.index: dict[str, tuple[int, int]] = {}
         self.fh = open(path, "wb")
 
     def externalize(self, model: onnx.ModelProto) -> None:
@@ -25,7 +26,7 @@ class SharedWeights:
             raw = numpy_helper.to_array(t).tobytes() if not t.HasField("raw_data") else t.raw_data
             if len(raw) < EXTERNAL_MIN_BYTES:
                 continue
-            key = (t.name, hashlib.sha1(raw).hexdigest())
+            key = hashlib.sha256(raw).hexdigest()
             if key not in self.index:
                 pad = (-self.offset) % 64  # aligned offsets allow mmap
                 self.fh.write(b"\0" * pad)

@@ -9,6 +9,20 @@ multi-head attention layer; ``ln_proj`` per set, then ``cat_proj``, ``ln_post`` 
 
 The shared attention's key/value projections do not depend on the query set, so they are computed
 once and reused by the four sets (the released code recomputes them; the maths is identical).
+
+Two implementations of the same maths (``impl``):
+
+* ``"faithful"`` (default): the released order of operations: keys = RoI(f + P + e), values = RoI(f),
+  both projected by W_k / W_v at every RoI sample, scaled dot-product attention. Every test and
+  every parity check compares against it.
+* ``"fast"``: 1.6-1.9x fewer FLOPs at real width (counted per crop; docs/model.md §4.9), by four exact
+  identities (docs/model.md §4.9): the keys are absorbed into the queries
+  (``q_h . (W_k,h k + b_k,h) = (W_k,h^T q_h) . k + const``, the constant cancels in the softmax);
+  values are aggregated before their projection (the attention weights sum to 1); RoI-align is
+  linear, so ``RoI(f + P + e) = RoI(f) + RoI(P) + e * RoI(1)`` (``RoI(1)`` is 1 except at the border
+  of maps under 12 pixels, where thin windows sample beyond the edge) and one RoI of f serves keys
+  and values; and RoI-align over the uniform 12x12 windows is
+  separable, ``RoI(F) = A_y F A_x^T`` with small shape-derived matrices (:func:`roi_matrices`).
 """
 
 from __future__ import annotations
@@ -25,6 +39,7 @@ from hiwin_runtime.buckets import GRID_CANDIDATES, sampling_grid  # noqa: F401  
 from .roi_align import roi_align
 
 LEVELS = ("1x", "2x", "4x")
+IMPLS = ("faithful", "fast")
 
 
 def sincos_table(dim: int, grid: int) -> Tensor:
@@ -83,10 +98,13 @@ class HiwinProjector(nn.Module):
     """
 
     def __init__(self, dim: int, vision_dim: int, num_heads: int, grid: int = 12, eps: float = 1e-6,
-                 *, device=None, dtype=None):
+                 *, device=None, dtype=None, impl: str = "faithful"):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if impl not in IMPLS:
+            raise ValueError(f"unknown projector implementation {impl!r} (known: {', '.join(IMPLS)})")
+        self.impl = impl
         kw = dict(device=device, dtype=dtype)
         self.dim, self.grid, self.num_heads = dim, grid, num_heads
         n = grid * grid
@@ -164,9 +182,9 @@ class HiwinProjector(nn.Module):
         o = F.scaled_dot_product_attention(qh, kh, vh)  # (N, h, 1, d)
         return F.linear(o.reshape(N, C), self.attn.out_proj.weight, self.attn.out_proj.bias)
 
-    def forward(self, levels: list[Tensor], grid_hw: tuple[int, int] | None = None) -> Tensor:
+    def forward(self, levels: list[Tensor], grid_hw: tuple[int, int] | None = None, impl: str | None = None) -> Tensor:
         """``grid_hw`` pins the RoI sampling grid (export buckets); by default it is derived from
-        the aspect ratio (:func:`sampling_grid`)."""
+        the aspect ratio (:func:`sampling_grid`). ``impl`` overrides :attr:`impl` for this call."""
         if len(levels) != len(LEVELS):
             raise ValueError(f"expected {len(LEVELS)} feature levels (1x, 2x, 4x), got {len(levels)}")
         B, _, H, W = levels[0].shape
@@ -177,6 +195,8 @@ class HiwinProjector(nn.Module):
                                  f"({B}, C, {s * H}, {s * W})")
         if grid_hw is None:
             grid_hw = sampling_grid(W, H)
+        if (impl or self.impl) == "fast":
+            return self._forward_fast(levels, grid_hw)
         kv = [self.level_tokens(f, lv, grid_hw) for f, lv in zip(levels, LEVELS)]
         keys = torch.cat([k for k, _ in kv], dim=1)  # (B*n, 3*oh*ow, C)
         values = torch.cat([v for _, v in kv], dim=1)
@@ -193,3 +213,101 @@ class HiwinProjector(nn.Module):
             outs.append(self.ln_proj(o))
         x = self.ln_post(self.cat_proj(torch.cat(outs, dim=-1)))
         return x @ self.proj
+
+    # ---------------------------------------------------------------- the fast form
+    def _forward_fast(self, levels: list[Tensor], grid_hw: tuple[int, int]) -> Tensor:
+        B = levels[0].shape[0]
+        keys, values = [], []
+        for f, lv in zip(levels, LEVELS):
+            k, v = self.level_tokens_fast(f, lv, grid_hw)
+            keys.append(k)
+            values.append(v)
+        keys, values = torch.cat(keys, dim=2), torch.cat(values, dim=2)  # (B, n, 3*oh*ow, C)
+        wq, wk, wv = self.attn.in_proj_weight.chunk(3)
+        bq, _, bv = self.attn.in_proj_bias.chunk(3)  # b_k shifts every score of a query equally
+        n, C = keys.shape[1], keys.shape[-1]
+        h, d = self.num_heads, C // self.num_heads
+        outs = []
+        for query in self.queries:
+            q = F.linear(self.ln_q(query) + self.pos_embed, wq, bq).reshape(n, h, d)
+            # keys absorbed: (h, n, d) @ (h, d, C) -> per window (n, h, C)
+            q_abs = torch.matmul(q.transpose(0, 1), wk.reshape(h, d, C)).transpose(0, 1) * d ** -0.5
+            a = torch.matmul(q_abs, keys.transpose(-1, -2)).softmax(dim=-1)  # (B, n, h, L)
+            agg = torch.matmul(a, values)  # (B, n, h, C): values aggregated, then projected per head
+            o = torch.matmul(agg.unsqueeze(-2), wv.reshape(h, d, C).transpose(1, 2)).squeeze(-2) + bv.reshape(h, d)
+            o = F.linear(o.reshape(B, n, C), self.attn.out_proj.weight, self.attn.out_proj.bias)
+            outs.append(self.ln_proj(o))
+        x = self.ln_post(self.cat_proj(torch.cat(outs, dim=-1)))
+        return x @ self.proj
+
+    def level_tokens_fast(self, feature: Tensor, level: str, grid_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """One level's windowed raw keys and values, (B, n, oh*ow, C) each: one separable RoI of the
+        projected features, plus the RoI of the key positions (shape-only) and the level embedding."""
+        B, _, H, W = feature.shape
+        f = self.ln_kv(getattr(self, f"features_{level}_projector")(feature.permute(0, 2, 3, 1)))  # (B, H, W, C)
+        acc = torch.promote_types(f.dtype, torch.float32)  # RoI accumulates in >= fp32, as the faithful path
+        ay, ax = roi_matrices(H, W, grid_hw, self.grid, box_dtype=f.dtype, device=f.device)
+        values = separable_roi(f.to(acc), ay, ax, self.grid)
+        pos = separable_roi(self.key_positions(H, W)[None].to(acc), ay, ax, self.grid)
+        # RoI of the constant level embedding: e times each sample's total weight, which is 1 except
+        # where a window thinner than one pixel (clamped to extent 1) samples beyond the map's edge
+        mass = (ay.sum(1).reshape(self.grid, 1, -1, 1) * ax.sum(1).reshape(1, self.grid, 1, -1))
+        mass = mass.reshape(1, self.grid * self.grid, -1, 1).to(acc)
+        keys = values + pos + getattr(self, f"feature_{level}_embedding").to(acc) * mass
+        return keys.to(f.dtype), values.to(f.dtype)
+
+
+# Largest level map the exported graphs are built for (4x level of a 256-patch side): bounds the
+# number of RoI samples per bin, a static size under tracing. Eager calls size it exactly.
+EXPORT_MAX_SIDE = 1024
+
+
+def roi_matrices(height, width, grid_hw: tuple[int, int], grid: int = 12, *,
+                 box_dtype: torch.dtype = torch.float32, device=None) -> tuple[Tensor, Tensor]:
+    """RoI-align over the uniform ``grid x grid`` windows as two matrices: ``A_y`` (grid*oh, H) and
+    ``A_x`` (grid*ow, W), so that window (r, c), sample (p, q) of RoI(F) is ``A_y[r*oh+p] F A_x[c*ow+q]^T``.
+
+    Windows in one row share their y-extent and windows in one column their x-extent, and each
+    bilinear sample is a y-weight times an x-weight, so torchvision's average over samples factorises.
+    Built from the same float32 boxes as the faithful path (rounded to ``box_dtype`` like the shipped
+    model, docs/model.md §4.7) with torchvision's adaptive sampling (``aligned=False``,
+    ``sampling_ratio=0``): per bin ``g = ceil(extent / pooled)`` samples at
+    ``start + p*bin + (i + 0.5)*bin/g``; a sample outside ``[-1, size]`` weighs 0, others are
+    clamped to ``[0, size - 1]`` and interpolated linearly. Works on symbolic sizes (export): the
+    sample count is then padded to its bound for :data:`EXPORT_MAX_SIDE` and masked."""
+    oh, ow = grid_hw
+    eager = isinstance(height, int) and isinstance(width, int)
+    boxes = window_boxes(height, width, grid) if eager else window_boxes_traced(height, width, grid, device)
+    boxes = boxes.to(device).to(box_dtype).float()
+    rows, cols = boxes[::grid], boxes[:grid]  # (grid, 4): one box per window row / column
+    return (_roi_axis(rows[:, 1], rows[:, 3], oh, height, eager),
+            _roi_axis(cols[:, 0], cols[:, 2], ow, width, eager))
+
+
+def _roi_axis(start: Tensor, end: Tensor, pooled: int, size, eager: bool) -> Tensor:
+    """(len(start)*pooled, size) weights of one axis (see :func:`roi_matrices`)."""
+    extent = (end - start).clamp_min(1.0)
+    bin_size = extent / pooled  # (R,)
+    g = torch.ceil(extent / pooled)  # samples per bin, (R,)
+    gmax = max(int(g.max()), 1) if eager else math.ceil((EXPORT_MAX_SIDE / start.shape[0] + 1) / pooled)
+    p = torch.arange(pooled, dtype=start.dtype, device=start.device)
+    i = torch.arange(gmax, dtype=start.dtype, device=start.device)
+    g3 = g[:, None, None]
+    y = (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]
+         + (i[None, None, :] + 0.5) * bin_size[:, None, None] / g3.clamp_min(1))  # (R, pooled, gmax)
+    valid = (i[None, None, :] < g3) & (y >= -1.0) & (y <= size)
+    y = y.clamp(min=0.0).clamp(max=size - 1)  # torchvision: below 0 -> 0, at/after the last pixel -> it
+    pos = torch.arange(size, dtype=start.dtype, device=start.device)
+    hat = (1.0 - (pos - y[..., None]).abs()).clamp_min(0.0)  # (R, pooled, gmax, size): linear interpolation
+    w = (hat * (valid.to(start.dtype) / g3.clamp_min(1))[..., None]).sum(dim=2)  # (R, pooled, size)
+    return w.reshape(-1, size)
+
+
+def separable_roi(feature: Tensor, ay: Tensor, ax: Tensor, grid: int = 12) -> Tensor:
+    """(B, H, W, C) -> (B, grid*grid, oh*ow, C): windows row-major, samples row-major. Two MatMuls."""
+    B, H, W, C = feature.shape
+    oh, ow = ay.shape[0] // grid, ax.shape[0] // grid
+    t = torch.matmul(ay.to(feature.dtype), feature.reshape(B, H, W * C)).reshape(B, grid * oh, W, C)
+    u = torch.matmul(ax.to(feature.dtype), t)  # (Q, W) @ (B, P, W, C) -> (B, P, Q, C)
+    u = u.reshape(B, grid, oh, grid, ow, C).permute(0, 1, 3, 2, 4, 5)
+    return u.reshape(B, grid * grid, oh * ow, C)

@@ -88,27 +88,44 @@ def test_manifest_and_files(exported):
     assert (exported / "hiwin.weights").stat().st_size < 1.2 * n_proj
 
 
-def test_graphs_are_checker_clean_and_roialign_is_explicit(exported):
+@pytest.fixture(scope="module")
+def exported_faithful(tiny_model, tmp_path_factory):
+    """Two projector buckets in the faithful form (ONNX RoiAlign), with fp16 variants and parity."""
+    out = tmp_path_factory.mktemp("faithful") / "onnx"
+    export_model(tiny_model, out, graphs=["hiwin_3x3", "hiwin_2x4"], bundles=False, projector_impl="faithful")
+    return out
+
+
+def test_graphs_are_checker_clean(exported):
     for name in ALL + ALL16:
         path = exported / f"{name}.onnx"
         onnx.checker.check_model(str(path), full_check=True)
         m = onnx.load(str(path), load_external_data=False)
         assert json.loads({p.key: p.value for p in m.metadata_props}["hiwin_config"])["hidden_size"] == 128
-        rois = [n for n in m.graph.node if n.op_type == "RoiAlign"]
+        ops = {n.op_type for n in m.graph.node}
+        assert "RoiAlign" not in ops  # the fast projector: separable RoI as MatMuls
         if name.startswith("hiwin_"):
-            oh, ow = (int(x) for x in name[6:].split(".")[0].split("x"))
-            assert len(rois) == 6  # keys and values of three levels
-            if name.endswith(".fp16"):  # RoiAlign (inputs and boxes) stays fp32 inside the fp16 graph
-                types = _tensor_types(m)
-                assert {types[i] for n in rois for i in n.input[:2]} == {onnx.TensorProto.FLOAT}
-            for n in rois:
-                a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
-                assert a == {"mode": b"avg", "coordinate_transformation_mode": b"output_half_pixel",
-                             "sampling_ratio": 0, "spatial_scale": 1.0, "output_height": oh, "output_width": ow}
-        else:
-            assert not rois
+            assert "MatMul" in ops and "Softmax" in ops and not ops & {"Einsum", "Loop", "NonZero"}
         assert {o.domain for o in m.opset_import} <= {"", "ai.onnx"}
         assert dict((o.domain, o.version) for o in m.opset_import)[""] == 18
+
+
+def test_faithful_projector_graphs_have_explicit_roialign(exported_faithful):
+    mf = json.loads((exported_faithful / "manifest.json").read_text())
+    assert {mf["graphs"][g]["projector_impl"] for g in mf["graphs"]} == {"faithful"}
+    assert all(v["ok"] for p in ("fp32", "fp16") for k, v in mf["parity"][p].items() if k != "level")
+    for name in ("hiwin_3x3", "hiwin_2x4", "hiwin_3x3.fp16", "hiwin_2x4.fp16"):
+        m = onnx.load(str(exported_faithful / f"{name}.onnx"), load_external_data=False)
+        rois = [n for n in m.graph.node if n.op_type == "RoiAlign"]
+        oh, ow = GraphId.parse(name).bucket
+        assert len(rois) == 6  # keys and values of three levels
+        if name.endswith(".fp16"):  # RoiAlign (inputs and boxes) stays fp32 inside the fp16 graph
+            types = _tensor_types(m)
+            assert {types[i] for n in rois for i in n.input[:2]} == {onnx.TensorProto.FLOAT}
+        for n in rois:
+            a = {x.name: onnx.helper.get_attribute_value(x) for x in n.attribute}
+            assert a == {"mode": b"avg", "coordinate_transformation_mode": b"output_half_pixel",
+                         "sampling_ratio": 0, "spatial_scale": 1.0, "output_height": oh, "output_width": ow}
 
 
 def _tensor_types(m: onnx.ModelProto) -> dict[str, int]:
@@ -289,15 +306,17 @@ def test_export_with_failing_parity_writes_nothing(tiny_model, tmp_path, monkeyp
 
 
 def test_bench_workers_and_table(exported):
-    """The benchmark's two backends and its table (tiny dims; the real run is `hiwin-export bench`)."""
+    """The benchmark's three backends and its table (tiny dims; the real run is `hiwin-export bench`)."""
     import argparse
 
-    from hiwin_export.bench import format_table, worker
+    from hiwin_export.bench import BACKENDS, format_table, worker
 
-    res = {b: worker(b, str(exported), [(500, 300)], 1, True, 9) for b in ("torch", "ort")}
-    assert res["torch"]["flops"]["500x300"]["vit"] > 0
+    res = {b: worker(b, str(exported), [(500, 300)], 1, True, 9) for b in BACKENDS}
+    flops, fast = res["torch"]["flops"]["500x300"], res["torch-fast"]["flops"]["500x300"]
+    assert flops["vit"] == fast["vit"] > 0 and fast["hiwin"] > 0 and fast["hiwin"] != flops["hiwin"]
+    assert res["ort"]["projector_impl"] == "fast"
     rep = format_table(res, 100.0, argparse.Namespace(tiny=True, repeats=1))
     table = rep.markdown()
     assert "| 500x300 (3 crops) | **whole path** |" in table and "peak RSS" in table
     whole = [r for r in rep.to_json()["rows"] if r["stage"] == "**whole path**"]
-    assert len(whole) == 1 and whole[0]["gflop"] > 0 and whole[0]["torch_s"] > 0  # the JSON carries the numbers
+    assert len(whole) == 1 and whole[0]["gflop"] > 0 and whole[0]["gflop_fast"] > 0 and whole[0]["ref_s"] > 0
