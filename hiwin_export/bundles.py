@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from hiwin_model.projector import ORACLE
 from hiwin_runtime.crop_chain import Recorder
 from hiwin_runtime.graph_id import GraphId
 from hiwin_runtime.slicing import normalize
@@ -68,7 +69,7 @@ def write_bundles(model, out_dir: Path, graphs: set[GraphId], crops, bound: floa
         h, w = img.height // p, img.width // p
         recorder = Recorder()
         with torch.no_grad():
-            model.crop_chain(stages=recorder.wrap(model.stages())).encode_crops([normalize(img)])
+            model.crop_chain(stages=recorder.wrap(model.stages(ORACLE))).encode_crops([normalize(img)])
         for call in recorder.calls:
             gid = GraphId(call.family, call.bucket)
             if gid not in graphs:

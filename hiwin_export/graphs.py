@@ -7,8 +7,9 @@
 | ``hiwin_{oh}x{ow}.onnx`` | ``feat1x`` [batch, Cv, h, w], ``feat2x``, ``feat4x`` | ``tokens`` f32 [batch, 144, C] |
 
 The ViT interpolates its position embeddings in-graph (bicubic ``Resize`` to the input's patch
-grid). The projector's RoI sampling grid (oh, ow) is an attribute of ONNX ``RoiAlign``, so there
-is one projector graph per grid (7 buckets, chosen by the crop's aspect ratio exactly as the
+grid). The projector's RoI sampling grid (oh, ow) is static per graph (the shape of its RoI
+matrices in the fast form, an attribute of ONNX ``RoiAlign`` in the faithful form), so there is
+one projector graph per grid (7 buckets, chosen by the crop's aspect ratio exactly as the
 reference chooses them); all buckets share one external weights file.
 """
 

@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from hiwin_model.projector import ORACLE
 from hiwin_runtime.crop_chain import BatchPolicy, CropChain, Recorder
 from hiwin_runtime.graph_id import GraphId
 from hiwin_runtime.manifest import ExportDir
@@ -111,7 +112,7 @@ class Harness:
                                    self._ok(rel, cos, bool(np.isfinite(out).all()))))
 
     def _reference_chain(self, recorder: Recorder, policy: BatchPolicy = BatchPolicy(None, None)) -> CropChain:
-        return self.model.crop_chain(policy, stages=recorder.wrap(self.model.stages()))
+        return self.model.crop_chain(policy, stages=recorder.wrap(self.model.stages(ORACLE)))
 
     def _check_calls(self, recorder: Recorder, tag: str) -> None:
         """Each recorded reference stage call against its graph, on the very same inputs."""
@@ -137,7 +138,7 @@ class Harness:
         g = torch.Generator().manual_seed(self.seed)
         c = self.model.config.vision
         stages = Recorder()
-        ref = stages.wrap(self.model.stages())
+        ref = stages.wrap(self.model.stages(ORACLE))
         for h, w in grids:
             if gid.family == "hiwin" and self.export.bucket_for(w, h) != gid.bucket:
                 continue

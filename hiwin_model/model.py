@@ -74,8 +74,9 @@ class HiwinVision(nn.Module):
     def device(self) -> torch.device:
         return self.projector.proj.device
 
-    def stages(self) -> Stages:
-        """ViT, JBU and projector as crop-chain stages (inputs moved to the model's device/dtype)."""
+    def stages(self, projector_impl: str | None = None) -> Stages:
+        """ViT, JBU and projector as crop-chain stages (inputs moved to the model's device/dtype);
+        ``projector_impl`` overrides the projector's own form (parity pins ``"faithful"``)."""
         def vit(pixels: Tensor) -> Tensor:
             return self.vision_tower(torch.as_tensor(pixels).to(device=self.device, dtype=self.dtype))
 
@@ -83,7 +84,7 @@ class HiwinVision(nn.Module):
             return self.jbu(f1, torch.as_tensor(pixels).to(device=self.device, dtype=self.dtype))
 
         def projector(bucket: tuple[int, int], f1: Tensor, f2: Tensor, f4: Tensor) -> Tensor:
-            return self.projector([f1, f2, f4], grid_hw=bucket)
+            return self.projector([f1, f2, f4], grid_hw=bucket, impl=projector_impl)
 
         return Stages(vit, jbu, projector)
 

@@ -40,6 +40,7 @@ from .roi_align import roi_align
 
 LEVELS = ("1x", "2x", "4x")
 IMPLS = ("faithful", "fast")
+ORACLE = "faithful"  # what parity compares every graph with, whatever form the model runs
 
 
 def sincos_table(dim: int, grid: int) -> Tensor:
@@ -234,7 +235,9 @@ class HiwinProjector(nn.Module):
             q_abs = torch.matmul(q.transpose(0, 1), wk.reshape(h, d, C)).transpose(0, 1) * d ** -0.5
             a = torch.matmul(q_abs, keys.transpose(-1, -2)).softmax(dim=-1)  # (B, n, h, L)
             agg = torch.matmul(a, values)  # (B, n, h, C): values aggregated, then projected per head
-            o = torch.matmul(agg.unsqueeze(-2), wv.reshape(h, d, C).transpose(1, 2)).squeeze(-2) + bv.reshape(h, d)
+            # one (B*n, C) @ (C, d) GEMM per head, heads as the batch (no broadcast copies of W_v)
+            o = torch.matmul(agg.permute(2, 0, 1, 3).reshape(h, -1, C), wv.reshape(h, d, C).transpose(1, 2))
+            o = o.reshape(h, B, n, d).permute(1, 2, 0, 3) + bv.reshape(h, d)  # (B, n, h, d)
             o = F.linear(o.reshape(B, n, C), self.attn.out_proj.weight, self.attn.out_proj.bias)
             outs.append(self.ln_proj(o))
         x = self.ln_post(self.cat_proj(torch.cat(outs, dim=-1)))
