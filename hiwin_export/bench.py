@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from hiwin_runtime.bench import Report, peak_rss_mib, timed_stages, write_json
+from hiwin_runtime.arrays import NUMPY_OPS
 from hiwin_runtime.crop_chain import BatchPolicy, CropChain
 
 log = logging.getLogger("hiwin_export")
@@ -96,9 +97,11 @@ def worker(backend: str, export_dir: str, sizes: list[tuple[int, int]], repeats:
     result: dict = {"backend": backend, "images": {}, "flops": {}}
     config = _config(tiny)
     if backend in ("torch", "torch-fast"):
+        from hiwin_model.arrays import TORCH_OPS
+
         model = vision_model(config)
         model.projector.impl = "fast" if backend == "torch-fast" else "faithful"
-        stages, ops, bucket_for = model.stages(), model.crop_chain().ops, None
+        stages, ops, bucket_for = model.stages(), TORCH_OPS, None
         result["weights_mib"] = sum(p.numel() for p in model.parameters()) * 4 / 2**20
     else:
         from hiwin_runtime.manifest import ExportDir
@@ -108,7 +111,7 @@ def worker(backend: str, export_dir: str, sizes: list[tuple[int, int]], repeats:
         stages = OnnxRunner(export, threads=torch.get_num_threads()).vision_stages()
         result["projector_impl"] = next(g.get("projector_impl", "faithful") for g in export.graphs.values()
                                         if g.get("family") == "hiwin")
-        ops, bucket_for = None, export.bucket_for
+        ops, bucket_for = NUMPY_OPS, export.bucket_for
     for w, h in sizes:
         crops = bench_crops(w, h, max_slices)
         key = f"{w}x{h}"
@@ -117,9 +120,8 @@ def worker(backend: str, export_dir: str, sizes: list[tuple[int, int]], repeats:
             times: dict = {}
             flops: dict = {}
             around = flop_counter(flops) if backend != "ort" and r == 0 else None
-            kw = {"ops": ops} if ops is not None else {}
             chain = CropChain(timed_stages(stages, times, around=around), patch_size=config.vision.patch_size,
-                              policy=BatchPolicy(None, 1), bucket_for=bucket_for, **kw)
+                              ops=ops, policy=BatchPolicy(None, 1), bucket_for=bucket_for)
             with torch.no_grad():
                 chain.encode_crops(crops)
             if around is not None:

@@ -15,10 +15,8 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -137,8 +135,8 @@ class Harness:
         gid = graph if isinstance(graph, GraphId) else GraphId.parse(graph)
         g = torch.Generator().manual_seed(self.seed)
         c = self.model.config.vision
-        stages = Recorder()
-        ref = stages.wrap(self.model.stages(ORACLE))
+        recorder = Recorder()
+        ref = recorder.wrap(self.model.stages(ORACLE))
         for h, w in grids:
             if gid.family == "hiwin" and self.export.bucket_for(w, h) != gid.bucket:
                 continue
@@ -151,7 +149,7 @@ class Harness:
                     ref.jbu(feats[0], pix)
                 else:
                     ref.projector(gid.bucket, *feats)
-        self._check_calls(stages, f"random, batch {batch}")
+        self._check_calls(recorder, f"random, batch {batch}")
 
     def image_cases(self, images, max_slices: int = 9) -> None:
         """Real pages (the caller's images: files, or generated pages over :data:`IMAGE_SIZES`):

@@ -44,6 +44,11 @@ STAGE_IO = {
 }
 
 
+def stage_args(family: str, args: tuple) -> tuple[tuple[int, int] | None, tuple]:
+    """(bucket, data inputs) of a stage call: the projector takes its bucket first."""
+    return (args[0], args[1:]) if family == "hiwin" else (None, args)
+
+
 def wrap_stages(stages: Stages, around: Callable[[str, Callable], Callable]) -> Stages:
     """``around(family, fn) -> fn'`` applied to each stage (timers, FLOP counters, recorders)."""
     return Stages(around("vit", stages.vit), around("jbu", stages.jbu), around("hiwin", stages.projector))
@@ -67,7 +72,7 @@ class Recorder:
     def wrap(self, stages: Stages) -> Stages:
         def around(family: str, fn: Callable) -> Callable:
             def call(*args):
-                bucket, data = (args[0], args[1:]) if family == "hiwin" else (None, args)
+                bucket, data = stage_args(family, args)
                 out = fn(*args)
                 names_in, names_out = STAGE_IO[family]
                 outs = out if isinstance(out, tuple) else (out,)

@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .crop_chain import STAGE_IO, Stages
+from .crop_chain import STAGE_IO, Stages, stage_args
 from .graph_id import GraphId
 from .manifest import ExportDir, ExportError
 
@@ -68,7 +68,7 @@ class OnnxRunner:
             names_in, names_out = STAGE_IO[family]
 
             def run(*args):
-                bucket, data = (args[0], args[1:]) if family == "hiwin" else (None, args)
+                bucket, data = stage_args(family, args)
                 feeds = {n: np.ascontiguousarray(a) for n, a in zip(names_in, data)}
                 out = self.run(GraphId(family, bucket, precision), feeds)
                 return out[names_out[0]] if len(names_out) == 1 else tuple(out[n] for n in names_out)

@@ -136,17 +136,6 @@ def test_recorder_names_stage_io():
     assert rec.calls[2].bucket == sampling_grid(3, 2) and set(rec.calls[2].outputs) == {"tokens"}
 
 
-def test_reference_chain_equals_crop_by_crop(tiny_model):
-    """The model's chain (ViT batched per shape, JBU + projector per crop) equals single crops."""
-    from conftest import random_image
-
-    prepared = tiny_model.processor.prepare_image(random_image(1024, 768, seed=5))
-    with torch.no_grad():
-        batched = tiny_model.encode_prepared(prepared)
-        singles = torch.cat([tiny_model.encode_crops(torch.from_numpy(c)[None]) for c in prepared.crops])
-    torch.testing.assert_close(batched, singles, rtol=1e-5, atol=1e-5)
-
-
 # ------------------------------------------------------------------------------------ tokenizer
 def test_file_tokenizer_equals_transformers(tiny_dir):
     from transformers import AutoTokenizer
