@@ -22,10 +22,11 @@ import torch
 
 from hiwin_model.projector import ORACLE
 from hiwin_runtime.crop_chain import Recorder
-from hiwin_runtime.graph_id import GraphId
+from hiwin_runtime.graph_id import GraphId, serving_graph
 from hiwin_runtime.slicing import normalize
 
-# One real-content crop shape (h, w patches) per projector bucket; ViT/JBU bundles use all of them.
+# One real-content crop shape (h, w patches) per projector bucket; ViT/JBU (and the any-grid
+# projector graph) bundles use all of them.
 BUNDLE_GRIDS = ((24, 24), (19, 29), (29, 19), (16, 32), (32, 16), (18, 24), (24, 18))
 FP32_MAX_REL = 1e-4
 
@@ -71,7 +72,7 @@ def write_bundles(model, out_dir: Path, graphs: set[GraphId], crops, bound: floa
         with torch.no_grad():
             model.crop_chain(stages=recorder.wrap(model.stages(ORACLE))).encode_crops([normalize(img)])
         for call in recorder.calls:
-            gid = GraphId(call.family, call.bucket)
+            gid = serving_graph(call.family, call.bucket, "fp32", graphs)
             if gid not in graphs:
                 continue
             d = root / gid.name / f"{h}x{w}"

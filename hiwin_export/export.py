@@ -67,7 +67,7 @@ def export_model(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
             manifest["graphs"][gid.name] = graph_entry(gid, spec, proto, path)
         manifest["weights"] = {f.name: {"sha256": sha256(f), "bytes": f.stat().st_size}
                                for f in sorted(tmp.glob("*.weights"))}
-        manifest.update(manifest_header(model))
+        manifest.update(manifest_header(model, {g.at('fp32') for g in exported}))
         if any(s.kind == "language" for s in specs):
             manifest["language"] = language_manifest(model)
             if model.processor is not None:
@@ -152,7 +152,8 @@ def _run_parity(model, tmp: Path, level: str, graphs: set[GraphId]) -> dict:
         h = Harness(model, tmp, precision=precision)
         language = sorted(g.family for g in present if not g.is_vision)
         vision = {g for g in present if g.is_vision}
-        full = {GraphId("vit"), GraphId("jbu"), *(GraphId("hiwin", b) for b in HIWIN_BUCKETS)} <= vision
+        projector = {GraphId("hiwin")} <= vision or {GraphId("hiwin", b) for b in HIWIN_BUCKETS} <= vision
+        full = {GraphId("vit"), GraphId("jbu")} <= vision and projector
         if full:
             h.random_cases()
             h.image_cases(parity_pages(IMAGE_SIZES if level == "full" else IMAGE_SIZES[1:4]))

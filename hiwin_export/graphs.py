@@ -4,13 +4,16 @@
 |---|---|---|
 | ``vit.onnx`` | ``pixel_values`` f32 [batch, 3, 14h, 14w] | ``features`` f32 [batch, Cv, h, w] |
 | ``jbu.onnx`` | ``features`` f32 [batch, Cv, h, w], ``pixel_values`` f32 [batch, 3, 14h, 14w] | ``feat2x`` [batch, Cv, 2h, 2w], ``feat4x`` [batch, Cv, 4h, 4w] |
-| ``hiwin_{oh}x{ow}.onnx`` | ``feat1x`` [batch, Cv, h, w], ``feat2x``, ``feat4x`` | ``tokens`` f32 [batch, 144, C] |
+| ``hiwin.onnx`` | ``feat1x`` [batch, Cv, h, w], ``feat2x``, ``feat4x`` | ``tokens`` f32 [batch, 144, C] |
 
 The ViT interpolates its position embeddings in-graph (bicubic ``Resize`` to the input's patch
-grid). The projector's RoI sampling grid (oh, ow) is static per graph (the shape of its RoI
-matrices in the fast form, an attribute of ONNX ``RoiAlign`` in the faithful form), so there is
-one projector graph per grid (7 buckets, chosen by the crop's aspect ratio exactly as the
-reference chooses them); all buckets share one external weights file.
+grid). The projector graph computes the fast form (docs/model.md §4.9) and chooses the crop's RoI
+sampling grid (oh, ow) itself from its input shapes, with the released rule written as integer
+comparisons (:func:`hiwin_model.projector.grid_from_shape`): one graph and one copy of the weights
+serve every bucket. ``--projector-impl faithful`` exports the released order of operations
+instead, where the grid is an attribute of ONNX ``RoiAlign``: one graph per grid,
+``hiwin_{oh}x{ow}.onnx`` (7 buckets, chosen by the runtime from the manifest's rule), sharing one
+external weights file.
 """
 
 from __future__ import annotations
@@ -29,6 +32,15 @@ from hiwin_runtime.graph_id import GraphId
 # needs) to 256 patches (3584 px) per side, which covers every crop the slicer produces.
 MIN_PATCHES, MAX_PATCHES, MAX_BATCH = 2, 256, 64
 assert 4 * MAX_PATCHES <= EXPORT_MAX_SIDE, "the fast projector's RoI sample bound must cover the 4x level"
+
+
+class _HiwinAnyGrid(nn.Module):
+    def __init__(self, projector: nn.Module):
+        super().__init__()
+        self.projector = projector
+
+    def forward(self, feat1x: Tensor, feat2x: Tensor, feat4x: Tensor) -> Tensor:
+        return self.projector.forward_any_grid([feat1x, feat2x, feat4x])
 
 
 class _HiwinBucket(nn.Module):
@@ -79,9 +91,11 @@ def _feats(model, h=3, w=2, b=2, s=1):
 
 
 def graph_specs(projector_impl: str = "fast") -> list[GraphSpec]:
-    """The vision specs. The projector graphs compute ``projector_impl`` (``fast``: separable RoI
-    MatMuls and absorbed keys; ``faithful``: ONNX ``RoiAlign`` and the released order); parity
-    always compares them with the faithful reference."""
+    """The vision specs. ``projector_impl="fast"``: one any-grid projector graph (separable RoI
+    MatMuls, absorbed keys, grid from the shapes); ``"faithful"``: ONNX ``RoiAlign`` and the released
+    order, one graph per bucket. Parity compares either with the faithful reference."""
+    if projector_impl not in ("fast", "faithful"):
+        raise ValueError(f"unknown projector implementation {projector_impl!r} (known: fast, faithful)")
     specs = [
         GraphSpec(GraphId("vit"), lambda m: m.vision_tower, ("pixel_values",), ("features",),
                   {"pixel_values": {0: "batch", 2: "14h", 3: "14w"}}, lambda m: (_pixels(m),)),
@@ -89,12 +103,17 @@ def graph_specs(projector_impl: str = "fast") -> list[GraphSpec]:
                   {"features": {0: "batch", 2: "h", 3: "w"}, "pixel_values": {0: "batch", 2: "14h", 3: "14w"}},
                   lambda m: (_feats(m), _pixels(m))),
     ]
+    levels = {"feat1x": {0: "batch", 2: "h", 3: "w"}, "feat2x": {0: "batch", 2: "2h", 3: "2w"},
+              "feat4x": {0: "batch", 2: "4h", 3: "4w"}}
+    if projector_impl == "fast":
+        return specs + [GraphSpec(
+            GraphId("hiwin"), lambda m: _HiwinAnyGrid(m.projector), ("feat1x", "feat2x", "feat4x"), ("tokens",),
+            levels, lambda m: tuple(_feats(m, s=s) for s in (1, 2, 4)),
+            meta={"sampling_grid": "from the input shapes (manifest buckets.rule)", "projector_impl": "fast"})]
     for g in HIWIN_BUCKETS:
         specs.append(GraphSpec(
-            GraphId("hiwin", g), lambda m, g=g: _HiwinBucket(m.projector, g, projector_impl), ("feat1x", "feat2x", "feat4x"), ("tokens",),
-            {"feat1x": {0: "batch", 2: "h", 3: "w"}, "feat2x": {0: "batch", 2: "2h", 3: "2w"},
-             "feat4x": {0: "batch", 2: "4h", 3: "4w"}},
-            lambda m: tuple(_feats(m, s=s) for s in (1, 2, 4)),
+            GraphId("hiwin", g), lambda m, g=g: _HiwinBucket(m.projector, g, projector_impl), ("feat1x", "feat2x", "feat4x"),
+            ("tokens",), levels, lambda m: tuple(_feats(m, s=s) for s in (1, 2, 4)),
             meta={"sampling_grid": list(g), "projector_impl": projector_impl}))
     return specs
 

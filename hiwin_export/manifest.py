@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx
 
 from hiwin_runtime.buckets import HIWIN_BUCKETS, bucket_rule
-from hiwin_runtime.graph_id import GraphId
+from hiwin_runtime.graph_id import GraphId, serving_graph
 from hiwin_runtime.manifest import MANIFEST_VERSION, ExportDir, ExportError, sha256
 
 from .graphs import MAX_BATCH, MAX_PATCHES, MIN_PATCHES, OUTPUT_AXES, GraphSpec
@@ -38,7 +38,9 @@ def graph_entry(gid: GraphId, spec: GraphSpec, proto: onnx.ModelProto, path: Pat
             "outputs": [_io_entry(v, axes.get(v.name, {})) for v in proto.graph.output], **spec.meta}
 
 
-def manifest_header(model) -> dict:
+def manifest_header(model, graphs=()) -> dict:
+    """Directory-wide facts; ``graphs`` (the exported :class:`GraphId` s) maps each projector
+    bucket to the graph that serves it."""
     import onnxruntime
     import torch
 
@@ -48,7 +50,8 @@ def manifest_header(model) -> dict:
         "shape_ranges": {"batch": [1, MAX_BATCH], "patches_per_side": [MIN_PATCHES, MAX_PATCHES],
                          "patch_size": v.patch_size},
         "buckets": {"family": "hiwin", "rule": bucket_rule(),
-                    "graphs": {f"{oh}x{ow}": GraphId("hiwin", (oh, ow)).name for oh, ow in HIWIN_BUCKETS}},
+                    "graphs": {f"{oh}x{ow}": serving_graph("hiwin", (oh, ow), "fp32", set(graphs)).name
+                               for oh, ow in HIWIN_BUCKETS}},
         "config": model.config.to_dict(),
         "tools": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                   "python": platform.python_version()},

@@ -119,7 +119,7 @@ class Harness:
             x = call.inputs[next(iter(call.inputs))]
             h, w = x.shape[-2:] if call.family != "vit" else (x.shape[-2] // p, x.shape[-1] // p)
             feeds = {n: t.detach().float().contiguous().numpy() for n, t in call.inputs.items()}
-            self._compare(GraphId(call.family, call.bucket), f"{tag}, crops {h}x{w} patches x{x.shape[0]}",
+            self._compare(self.export.stage_graph(call.family, call.bucket), f"{tag}, crops {h}x{w} patches x{x.shape[0]}",
                           feeds, call.outputs)
 
     # ------------------------------------------------------------------ cases
@@ -130,15 +130,16 @@ class Harness:
             self.graph_cases(gid, grids, batch)
 
     def graph_cases(self, graph: GraphId | str, grids=RANDOM_GRIDS, batch: int = 2) -> None:
-        """Random cases for one graph (projector buckets: the grids that select that bucket), each
-        through the reference stage and the graph."""
+        """Random cases for one graph (a bucket's projector graph: the grids that select that bucket;
+        the any-grid projector graph: every grid), each through the reference stage and the graph."""
         gid = graph if isinstance(graph, GraphId) else GraphId.parse(graph)
         g = torch.Generator().manual_seed(self.seed)
         c = self.model.config.vision
         recorder = Recorder()
         ref = recorder.wrap(self.model.stages(ORACLE))
         for h, w in grids:
-            if gid.family == "hiwin" and self.export.bucket_for(w, h) != gid.bucket:
+            bucket = self.export.bucket_for(w, h)
+            if gid.bucket is not None and bucket != gid.bucket:
                 continue
             pix = torch.randn(batch, 3, c.patch_size * h, c.patch_size * w, generator=g)
             feats = [torch.randn(batch, c.hidden_size, s * h, s * w, generator=g) for s in (1, 2, 4)]
@@ -148,7 +149,7 @@ class Harness:
                 elif gid.family == "jbu":
                     ref.jbu(feats[0], pix)
                 else:
-                    ref.projector(gid.bucket, *feats)
+                    ref.projector(bucket, *feats)
         self._check_calls(recorder, f"random, batch {batch}")
 
     def image_cases(self, images, max_slices: int = 9) -> None:

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from hiwin_runtime.buckets import GRID_CANDIDATES, sampling_grid  # noqa: F401  (re-exported)
 
+from .jbu import bicubic_matrix
 from .roi_align import roi_align
 
 LEVELS = ("1x", "2x", "4x")
@@ -216,8 +217,23 @@ class HiwinProjector(nn.Module):
         return x @ self.proj
 
     # ---------------------------------------------------------------- the fast form
-    def _forward_fast(self, levels: list[Tensor], grid_hw: tuple[int, int]) -> Tensor:
-        B = levels[0].shape[0]
+    def forward_any_grid(self, levels: list[Tensor]) -> Tensor:
+        """The fast form with the sampling grid chosen *inside* the computation from the maps'
+        shape (:func:`grid_from_shape`), every level sampled on a padded 4x4 grid whose unused
+        samples are masked out of the softmax: one function (one exported graph, one copy of the
+        weights) for every bucket. Same result as ``forward(levels, impl="fast")``."""
+        return self._forward_fast(levels, None)
+
+    def _forward_fast(self, levels: list[Tensor], grid_hw: tuple[int, int] | None) -> Tensor:
+        B, _, H, W = levels[0].shape
+        mask = None
+        if grid_hw is None:  # chosen from the shape, padded to PADDED_GRID and masked
+            oh, ow = grid_from_shape(H, W, device=levels[0].device)
+            grid_hw = (oh, ow)
+            ph, pw = PADDED_GRID
+            p = torch.arange(ph, device=oh.device)
+            q = torch.arange(pw, device=oh.device)
+            mask = ((p < oh)[:, None] & (q < ow)[None, :]).reshape(-1).repeat(len(LEVELS))  # (3*ph*pw,)
         keys, values = [], []
         for f, lv in zip(levels, LEVELS):
             k, v = self.level_tokens_fast(f, lv, grid_hw)
@@ -233,7 +249,10 @@ class HiwinProjector(nn.Module):
             q = F.linear(self.ln_q(query) + self.pos_embed, wq, bq).reshape(n, h, d)
             # keys absorbed: (h, n, d) @ (h, d, C) -> per window (n, h, C)
             q_abs = torch.matmul(q.transpose(0, 1), wk.reshape(h, d, C)).transpose(0, 1) * d ** -0.5
-            a = torch.matmul(q_abs, keys.transpose(-1, -2)).softmax(dim=-1)  # (B, n, h, L)
+            a = torch.matmul(q_abs, keys.transpose(-1, -2))  # (B, n, h, L)
+            if mask is not None:  # padded samples (exactly zero keys) take no weight
+                a = a.masked_fill(~mask, float("-inf"))
+            a = a.softmax(dim=-1)
             agg = torch.matmul(a, values)  # (B, n, h, C): values aggregated, then projected per head
             # one (B*n, C) @ (C, d) GEMM per head, heads as the batch (no broadcast copies of W_v)
             o = torch.matmul(agg.permute(2, 0, 1, 3).reshape(h, -1, C), wv.reshape(h, d, C).transpose(1, 2))
@@ -243,15 +262,24 @@ class HiwinProjector(nn.Module):
         x = self.ln_post(self.cat_proj(torch.cat(outs, dim=-1)))
         return x @ self.proj
 
-    def level_tokens_fast(self, feature: Tensor, level: str, grid_hw: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    def level_tokens_fast(self, feature: Tensor, level: str, grid_hw: tuple) -> tuple[Tensor, Tensor]:
         """One level's windowed raw keys and values, (B, n, oh*ow, C) each: one separable RoI of the
-        projected features, plus the RoI of the key positions (shape-only) and the level embedding."""
+        projected features, plus the RoI of the key positions (shape-only) and the level embedding.
+
+        ``grid_hw`` is ``(oh, ow)`` as ints, or as int64 tensors (grid chosen from the shape): then
+        every window holds :data:`PADDED_GRID` samples, those beyond (oh, ow) all zero."""
         B, _, H, W = feature.shape
         f = self.ln_kv(getattr(self, f"features_{level}_projector")(feature.permute(0, 2, 3, 1)))  # (B, H, W, C)
         acc = torch.promote_types(f.dtype, torch.float32)  # RoI accumulates in >= fp32, as the faithful path
         ay, ax = roi_matrices(H, W, grid_hw, self.grid, box_dtype=f.dtype, device=f.device)
         values = separable_roi(f.to(acc), ay, ax, self.grid)
-        pos = separable_roi(self.key_positions(H, W)[None].to(acc), ay, ax, self.grid)
+        # RoI of the bicubic key positions without resizing them: RoI(M_h T M_w^T) = (A_y M_h) T (A_x M_w)^T,
+        # T the grid x grid sin-cos table (M_h, M_w: F.interpolate's bicubic matrices, exact)
+        g = self.grid
+        mh = bicubic_matrix(g, H, dtype=acc, device=f.device)
+        mw = bicubic_matrix(g, W, dtype=acc, device=f.device)
+        table = self.pos_embed.to(acc).reshape(1, g, g, -1)
+        pos = separable_roi(table, ay @ mh, ax @ mw, g)
         # RoI of the constant level embedding: e times each sample's total weight, which is 1 except
         # where a window thinner than one pixel (clamped to extent 1) samples beyond the map's edge
         mass = (ay.sum(1).reshape(self.grid, 1, -1, 1) * ax.sum(1).reshape(1, self.grid, 1, -1))
@@ -265,7 +293,29 @@ class HiwinProjector(nn.Module):
 EXPORT_MAX_SIDE = 1024
 
 
-def roi_matrices(height, width, grid_hw: tuple[int, int], grid: int = 12, *,
+# Every window's sample grid in the any-grid form: the largest (oh, ow) of any bucket.
+PADDED_GRID = (max(h for _, h in GRID_CANDIDATES), max(w for w, _ in GRID_CANDIDATES))
+# Candidates sorted by aspect ratio w/h, and the boundaries between neighbours: ln(W/H) is nearer
+# to ln(a2/b2) than to ln(a1/b1) iff W/H > sqrt(a1*a2 / (b1*b2)), i.e. W^2*b1*b2 > H^2*a1*a2 in
+# integers. No boundary is rational (a1*a2/(b1*b2) is never a square), so integer sizes never tie
+# and the strict-argmin order of the released rule never matters (tested against it exhaustively).
+_BY_RATIO = sorted(GRID_CANDIDATES, key=lambda c: c[0] / c[1])
+_BOUNDARIES = tuple((b1 * b2, a1 * a2) for (a1, b1), (a2, b2) in zip(_BY_RATIO, _BY_RATIO[1:]))
+
+
+def grid_from_shape(height, width, device=None) -> tuple[Tensor, Tensor]:
+    """(oh, ow) as int64 scalar tensors: :func:`sampling_grid` as integer comparisons on the map's
+    shape, so an exported graph computes its bucket from its input shapes (works on symbolic sizes)."""
+    one = torch.ones((), dtype=torch.int64, device=device)
+    h, w = one * height, one * width
+    h2, w2 = h * h, w * w  # (Mul, not Pow: integer Pow is not a TensorRT shape op)
+    k = sum(((w2 * bb) > (h2 * aa)).to(torch.int64) for bb, aa in _BOUNDARIES)
+    oh = torch.tensor([h for _, h in _BY_RATIO], dtype=torch.int64, device=device)[k]
+    ow = torch.tensor([w for w, _ in _BY_RATIO], dtype=torch.int64, device=device)[k]
+    return oh, ow
+
+
+def roi_matrices(height, width, grid_hw: tuple, grid: int = 12, *,
                  box_dtype: torch.dtype = torch.float32, device=None) -> tuple[Tensor, Tensor]:
     """RoI-align over the uniform ``grid x grid`` windows as two matrices: ``A_y`` (grid*oh, H) and
     ``A_x`` (grid*ow, W), so that window (r, c), sample (p, q) of RoI(F) is ``A_y[r*oh+p] F A_x[c*ow+q]^T``.
@@ -277,28 +327,37 @@ def roi_matrices(height, width, grid_hw: tuple[int, int], grid: int = 12, *,
     ``sampling_ratio=0``): per bin ``g = ceil(extent / pooled)`` samples at
     ``start + p*bin + (i + 0.5)*bin/g``; a sample outside ``[-1, size]`` weighs 0, others are
     clamped to ``[0, size - 1]`` and interpolated linearly. Works on symbolic sizes (export): the
-    sample count is then padded to its bound for :data:`EXPORT_MAX_SIDE` and masked."""
+    sample count is then padded to its bound for :data:`EXPORT_MAX_SIDE` and masked. With ``(oh, ow)``
+    as tensors (:func:`grid_from_shape`) each window gets :data:`PADDED_GRID` rows/columns, the ones
+    beyond (oh, ow) zero."""
     oh, ow = grid_hw
     eager = isinstance(height, int) and isinstance(width, int)
     boxes = window_boxes(height, width, grid) if eager else window_boxes_traced(height, width, grid, device)
     boxes = boxes.to(device).to(box_dtype).float()
     rows, cols = boxes[::grid], boxes[:grid]  # (grid, 4): one box per window row / column
-    return (_roi_axis(rows[:, 1], rows[:, 3], oh, height, eager),
-            _roi_axis(cols[:, 0], cols[:, 2], ow, width, eager))
+    return (_roi_axis(rows[:, 1], rows[:, 3], oh, height, eager, PADDED_GRID[0]),
+            _roi_axis(cols[:, 0], cols[:, 2], ow, width, eager, PADDED_GRID[1]))
 
 
-def _roi_axis(start: Tensor, end: Tensor, pooled: int, size, eager: bool) -> Tensor:
-    """(len(start)*pooled, size) weights of one axis (see :func:`roi_matrices`)."""
+def _roi_axis(start: Tensor, end: Tensor, pooled, size, eager: bool, padded: int) -> Tensor:
+    """(len(start)*slots, size) weights of one axis (see :func:`roi_matrices`); ``slots`` is
+    ``pooled`` when it is an int, ``padded`` when it is a tensor (rows beyond ``pooled`` zero)."""
+    static = isinstance(pooled, int)
+    slots = pooled if static else padded
+    least = pooled if static else min(min(c) for c in GRID_CANDIDATES)  # fewest bins: most samples per bin
+    pooled = pooled if static else pooled.to(start.dtype)
     extent = (end - start).clamp_min(1.0)
     bin_size = extent / pooled  # (R,)
     g = torch.ceil(extent / pooled)  # samples per bin, (R,)
-    gmax = max(int(g.max()), 1) if eager else math.ceil((EXPORT_MAX_SIDE / start.shape[0] + 1) / pooled)
-    p = torch.arange(pooled, dtype=start.dtype, device=start.device)
+    gmax = max(int(g.max()), 1) if eager else math.ceil((EXPORT_MAX_SIDE / start.shape[0] + 1) / least)
+    p = torch.arange(slots, dtype=start.dtype, device=start.device)
     i = torch.arange(gmax, dtype=start.dtype, device=start.device)
     g3 = g[:, None, None]
     y = (start[:, None, None] + p[None, :, None] * bin_size[:, None, None]
-         + (i[None, None, :] + 0.5) * bin_size[:, None, None] / g3.clamp_min(1))  # (R, pooled, gmax)
+         + (i[None, None, :] + 0.5) * bin_size[:, None, None] / g3.clamp_min(1))  # (R, slots, gmax)
     valid = (i[None, None, :] < g3) & (y >= -1.0) & (y <= size)
+    if not static:
+        valid = valid & (p < pooled)[None, :, None]
     y = y.clamp(min=0.0).clamp(max=size - 1)  # torchvision: below 0 -> 0, at/after the last pixel -> it
     pos = torch.arange(size, dtype=start.dtype, device=start.device)
     hat = (1.0 - (pos - y[..., None]).abs()).clamp_min(0.0)  # (R, pooled, gmax, size): linear interpolation

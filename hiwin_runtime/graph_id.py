@@ -2,8 +2,11 @@
 
 One mapping to and from file names (``hiwin_3x3.fp16`` <-> ``GraphId("hiwin", (3, 3), "fp16")``),
 used by the exporter, the manifest, the runners, parity and the bundles, so no other code parses
-names. Families: ``vit``, ``jbu``, ``hiwin`` (one graph per RoI sampling grid ``bucket = (oh, ow)``),
-``embed`` and ``llm``.
+names. Families: ``vit``, ``jbu``, ``hiwin``, ``embed`` and ``llm``. The projector is either one
+graph for every RoI sampling grid (``hiwin``: the grid is computed from the input shapes inside the
+graph) or one graph per grid (``hiwin_{oh}x{ow}``, ``bucket = (oh, ow)``: the faithful form, where
+the grid is an attribute of ONNX ``RoiAlign``); :func:`serving_graph` picks the one that serves a
+crop.
 """
 
 from __future__ import annotations
@@ -27,9 +30,8 @@ class GraphId:
     def __post_init__(self):
         if self.family not in FAMILIES:
             raise ValueError(f"unknown graph family {self.family!r} (known: {', '.join(FAMILIES)})")
-        if (self.bucket is not None) != (self.family == "hiwin"):
-            raise ValueError(f"{self.family}: a sampling-grid bucket is for projector graphs only"
-                             if self.bucket is not None else "a projector graph needs its bucket (oh, ow)")
+        if self.bucket is not None and self.family != "hiwin":
+            raise ValueError(f"{self.family}: a sampling-grid bucket is for projector graphs only")
         if self.precision not in PRECISIONS:
             raise ValueError(f"unknown precision {self.precision!r} (known: {', '.join(PRECISIONS)})")
 
@@ -69,3 +71,16 @@ class GraphId:
 
     def __str__(self) -> str:
         return self.name
+
+
+def serving_graph(family: str, bucket: tuple[int, int] | None, precision: str, present) -> GraphId:
+    """The graph that runs one stage call: for the projector, the any-grid graph ``hiwin`` when
+    ``present`` (a container of :class:`GraphId` or names) has it, else the crop's bucket graph."""
+    if family == "hiwin":
+        any_grid = GraphId("hiwin", None, precision)
+        if any_grid in present or any_grid.name in present:
+            return any_grid
+        if bucket is None:
+            raise ValueError("a projector call needs its bucket (oh, ow) when there is no any-grid graph")
+        return GraphId("hiwin", tuple(bucket), precision)
+    return GraphId(family, None, precision)

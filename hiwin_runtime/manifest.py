@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .buckets import apply_bucket_rule
-from .graph_id import GraphId
+from .graph_id import GraphId, serving_graph
 
 MANIFEST_VERSION = 2
 
@@ -83,8 +83,12 @@ class ExportDir:
         return apply_bucket_rule(self.manifest["buckets"]["rule"], width, height)
 
     def hiwin_graph_for(self, h: int, w: int, precision: str = "fp32") -> GraphId:
-        """Projector graph of an (h, w)-patch crop."""
-        return GraphId("hiwin", self.bucket_for(w, h), precision)
+        """Projector graph of an (h, w)-patch crop (the any-grid graph when exported)."""
+        return self.stage_graph("hiwin", self.bucket_for(w, h), precision)
+
+    def stage_graph(self, family: str, bucket: tuple[int, int] | None, precision: str = "fp32") -> GraphId:
+        """The graph of this directory that runs a crop-chain stage call."""
+        return serving_graph(family, bucket, precision, self.graphs)
 
     def check_feeds(self, graph: GraphId | str, feeds: dict[str, np.ndarray]) -> None:
         name = str(graph)

@@ -63,14 +63,15 @@ class OnnxRunner:
         return dict(zip([o.name for o in s.get_outputs()], s.run(None, feeds)))
 
     def vision_stages(self, precision: str = "fp32") -> Stages:
-        """The exported ``vit``, ``jbu`` and ``hiwin_{oh}x{ow}`` graphs as crop-chain stages."""
+        """The exported ``vit``, ``jbu`` and projector graphs (``hiwin``, or ``hiwin_{oh}x{ow}`` per
+        bucket) as crop-chain stages."""
         def stage(family: str):
             names_in, names_out = STAGE_IO[family]
 
             def run(*args):
                 bucket, data = stage_args(family, args)
                 feeds = {n: np.ascontiguousarray(a) for n, a in zip(names_in, data)}
-                out = self.run(GraphId(family, bucket, precision), feeds)
+                out = self.run(self.export.stage_graph(family, bucket, precision), feeds)
                 return out[names_out[0]] if len(names_out) == 1 else tuple(out[n] for n in names_out)
             return run
 

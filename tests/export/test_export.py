@@ -17,7 +17,7 @@ from hiwin_export.graphs import HIWIN_BUCKETS
 from hiwin_export.manifest import ExportDir, ExportError
 from hiwin_export.parity import Harness, OnnxRunner, error_stats
 
-VISION = ["vit", "jbu"] + [f"hiwin_{h}x{w}" for h, w in HIWIN_BUCKETS]
+VISION = ["vit", "jbu", "hiwin"]  # one projector graph serves every bucket
 ALL = VISION + ["embed", "llm"]
 ALL16 = [f"{g}.fp16" for g in ALL]
 
@@ -31,7 +31,8 @@ def test_polygraphy_bundle_round_trip(exported):
         pytest.skip("needs the polygraphy CLI (pip install polygraphy)")
     mf = json.loads((exported / "manifest.json").read_text())
     assert set(mf["bundles"]) == set(VISION)
-    for d in (mf["bundles"]["vit"][0], mf["bundles"]["hiwin_2x3"][0]):
+    assert len(mf["bundles"]["hiwin"]) == len(HIWIN_BUCKETS)  # one bundle per bucket, one graph
+    for d in (mf["bundles"]["vit"][0], mf["bundles"]["hiwin"][1]):
         cmd = json.loads((exported / d / "bundle.json").read_text())["onnxrt_command"]
         r = subprocess.run(cmd.split(), cwd=exported, capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
@@ -63,12 +64,12 @@ def test_manifest_and_files(exported):
         assert (entry["family"], entry["precision"], entry["file"]) == (gid.family, gid.precision, gid.file)
         assert entry["bucket"] == (list(gid.bucket) if gid.bucket else None)
     rule = mf["buckets"]["rule"]  # the bucket rule as data: a consumer needs nothing else
-    assert all(GraphId("hiwin", apply_bucket_rule(rule, w, h)).name in mf["graphs"]
-               for w in range(2, 40) for h in range(2, 40))
-    assert mf["buckets"]["graphs"]["2x3"] == "hiwin_2x3"
+    assert all(f"{oh}x{ow}" in mf["buckets"]["graphs"] for oh, ow in
+               {apply_bucket_rule(rule, w, h) for w in range(2, 40) for h in range(2, 40)})
+    assert set(mf["buckets"]["graphs"].values()) == {"hiwin"}  # every bucket served by the one graph
     assert mf["graphs"]["vit"]["inputs"][0]["name"] == "pixel_values"
     assert [o["name"] for o in mf["graphs"]["jbu"]["outputs"]] == ["feat2x", "feat4x"]
-    assert mf["graphs"]["hiwin_2x3"]["sampling_grid"] == [2, 3]
+    assert mf["graphs"]["hiwin"]["projector_impl"] == "fast" and mf["graphs"]["hiwin"]["bucket"] is None
     assert set(mf["weights"]) == {f"{f}{p}.weights" for f in ("vit", "jbu", "hiwin", "embed", "llm")
                                   for p in ("", ".fp16")}
     assert {mf["graphs"][g]["kind"] for g in VISION} == {"vision"}
@@ -81,7 +82,7 @@ def test_manifest_and_files(exported):
     assert all(p16[g]["ok"] and p16[g]["min_cosine"] >= 0.999 for g in ALL + ["vision-path"])
     assert (exported / "reports" / "parity.md").is_file()
     ExportDir(exported)  # sha256 of every file verifies
-    # the seven projector buckets share one copy of the projector weights
+    # one copy of the projector weights serves every bucket
     from hiwin_model.tiny import build_tiny_model
 
     n_proj = sum(p.numel() * 4 for p in build_tiny_model().projector.parameters())
@@ -104,8 +105,8 @@ def test_graphs_are_checker_clean(exported):
         assert json.loads({p.key: p.value for p in m.metadata_props}["hiwin_config"])["hidden_size"] == 128
         ops = {n.op_type for n in m.graph.node}
         assert "RoiAlign" not in ops  # the fast projector: separable RoI as MatMuls
-        if name.startswith("hiwin_"):
-            assert "MatMul" in ops and "Softmax" in ops and not ops & {"Einsum", "Loop", "NonZero"}
+        if name.startswith("hiwin"):  # bicubic key positions as matrices too: no Resize left
+            assert "MatMul" in ops and "Softmax" in ops and not ops & {"Einsum", "Loop", "NonZero", "If", "Resize"}
         assert {o.domain for o in m.opset_import} <= {"", "ai.onnx"}
         assert dict((o.domain, o.version) for o in m.opset_import)[""] == 18
 
@@ -176,7 +177,11 @@ def test_parity_random_and_real_images(tiny_model, exported, tmp_path):
     h.image_cases([random_image(w, hh, seed=i) for i, (w, hh) in enumerate(
         [(1344, 336), (1008, 672), (800, 800), (672, 1008), (336, 1344), (2400, 240), (90, 60)])])
     s = h.summary()
-    assert set(s) == set(VISION) | {"vision-path"}  # every graph, every bucket, and the whole path
+    assert set(s) == set(VISION) | {"vision-path"}  # every graph and the whole path
+    # the one projector graph was checked on crops of every bucket (its in-graph rule included)
+    grids = {tuple(int(v) for v in r.case.split("crops ")[1].split(" ")[0].split("x")) for r in h.records
+             if r.graph == "hiwin"}
+    assert {h.export.bucket_for(w, hh) for hh, w in grids} == set(HIWIN_BUCKETS)
     h.assert_ok()
     assert all(v["worst_max_rel"] <= 1e-4 and v["min_cosine"] > 0.999999 for v in s.values())
     jp, mp = h.write_report(tmp_path)
@@ -220,7 +225,7 @@ def test_tampered_or_missing_files(exported, tmp_path):
     ("vit", {"pixels": np.zeros((1, 3, 28, 28), np.float32)}, "inputs are"),
     ("jbu", {"features": np.zeros((1, 32, 2, 3), np.float32), "pixel_values": np.zeros((1, 3, 28, 28), np.float32)},
      "inconsistent sizes"),
-    ("hiwin_3x3", {"feat1x": np.zeros((1, 32, 2, 2), np.float32), "feat2x": np.zeros((1, 32, 4, 4), np.float32),
+    ("hiwin", {"feat1x": np.zeros((1, 32, 2, 2), np.float32), "feat2x": np.zeros((1, 32, 4, 4), np.float32),
                    "feat4x": np.zeros((1, 31, 8, 8), np.float32)}, "axis 1 must be 32"),
 ])
 def test_bad_inputs_are_clear_errors(exported, graph, feeds, match):
@@ -258,10 +263,10 @@ def test_cli_export_and_parity(tiny_dir, tmp_path, capsys):
     from hiwin_export.cli import main
 
     out = tmp_path / "e"
-    assert main(["export", "--model", str(tiny_dir), "--out", str(out), "--graphs", "vit,hiwin_3x3,hiwin_2x3"]) == 0
+    assert main(["export", "--model", str(tiny_dir), "--out", str(out), "--graphs", "vit,hiwin"]) == 0
     mf = json.loads((out / "manifest.json").read_text())
     assert mf["parity"]["fp32"]["level"] == "subset"
-    assert set(mf["parity"]["fp16"]) - {"level"} == {"vit", "hiwin_3x3", "hiwin_2x3"}
+    assert set(mf["parity"]["fp16"]) - {"level"} == {"vit", "hiwin"}
     assert main(["export", "--model", str(tiny_dir), "--out", str(out), "--graphs", "vit"]) == 2
     assert "exists and is not empty" in capsys.readouterr().err
     # parity on the subset: the harness refuses graphs the directory lacks

@@ -137,3 +137,40 @@ def test_fast_form_counts_fewer_flops_at_width():
 def test_unknown_impl_is_refused():
     with pytest.raises(ValueError, match="unknown projector implementation"):
         HiwinProjector(128, 32, 4, impl="turbo")
+
+
+# ------------------------------------------------------------------ any-grid form (one exported graph)
+def test_grid_from_shape_equals_the_released_rule_exhaustively():
+    """The integer-comparison rule inside the exported graph picks what the float64 log rule picks,
+    for every map up to 300 x 300 (crops reach 256 patches per side)."""
+    from hiwin_model.projector import grid_from_shape
+
+    bad = [(h, w) for h in range(1, 301) for w in range(1, 301)
+           if tuple(int(t) for t in grid_from_shape(h, w)) != sampling_grid(w, h)]
+    assert bad == []
+
+
+@pytest.mark.parametrize("grid_hw", HIWIN_BUCKETS)
+def test_any_grid_equals_faithful_on_every_grid(projector, grid_hw):
+    g = torch.Generator().manual_seed(4)
+    maps = [m for m in MAPS if sampling_grid(m[1], m[0]) == grid_hw]
+    assert maps, grid_hw  # MAPS covers every bucket
+    with torch.no_grad():
+        for H, W in maps:
+            levels = [torch.randn(2, 32, s * H, s * W, generator=g) for s in (1, 2, 4)]
+            ref = projector(levels, impl="faithful")
+            out = projector.forward_any_grid(levels)
+            assert _rel(ref, out) <= 1e-4, (H, W)
+
+
+def test_padded_roi_rows_beyond_the_grid_are_zero():
+    from hiwin_model.projector import PADDED_GRID, grid_from_shape
+
+    oh, ow = grid_from_shape(19, 29)
+    assert (int(oh), int(ow)) == (2, 3)
+    ay, ax = roi_matrices(19, 29, (oh, ow))
+    assert ay.shape == (12 * PADDED_GRID[0], 19) and ax.shape == (12 * PADDED_GRID[1], 29)
+    ref_y, ref_x = roi_matrices(19, 29, (2, 3))
+    ay, ax = ay.reshape(12, PADDED_GRID[0], 19), ax.reshape(12, PADDED_GRID[1], 29)
+    assert torch.equal(ay[:, :2].reshape(-1, 19), ref_y) and torch.equal(ax[:, :3].reshape(-1, 29), ref_x)
+    assert not ay[:, 2:].any() and not ax[:, 3:].any()

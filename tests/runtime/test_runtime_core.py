@@ -11,7 +11,7 @@ import torch
 
 from hiwin_runtime.buckets import HIWIN_BUCKETS, apply_bucket_rule, bucket_rule, sampling_grid
 from hiwin_runtime.crop_chain import BatchPolicy, CropChain, Recorder, Stages
-from hiwin_runtime.graph_id import GraphId
+from hiwin_runtime.graph_id import GraphId, serving_graph
 from hiwin_runtime.layout import layout_indices, layout_tokens, num_image_tokens
 
 
@@ -19,16 +19,27 @@ from hiwin_runtime.layout import layout_indices, layout_tokens, num_image_tokens
 @pytest.mark.parametrize("name,gid", [
     ("vit", GraphId("vit")), ("jbu.fp16", GraphId("jbu", None, "fp16")), ("hiwin_3x3", GraphId("hiwin", (3, 3))),
     ("hiwin_2x4.fp16", GraphId("hiwin", (2, 4), "fp16")), ("llm", GraphId("llm")), ("embed.fp16", GraphId("embed", None, "fp16")),
+    ("hiwin", GraphId("hiwin")), ("hiwin.fp16", GraphId("hiwin", None, "fp16")),
 ])
 def test_graph_id_round_trip(name, gid):
     assert GraphId.parse(name) == gid and gid.name == name and GraphId.parse(gid.file) == gid
     assert gid.at("fp32").precision == "fp32" and gid.at("fp16").base == gid.base
 
 
-@pytest.mark.parametrize("bad", ["hiwin", "vit_3x3", "nope", "hiwin_3x3.int3", "hiwin_3x", "../vit"])
+@pytest.mark.parametrize("bad", ["hiwin_3", "vit_3x3", "nope", "hiwin_3x3.int3", "hiwin_3x", "../vit"])
 def test_graph_id_refuses_bad_names(bad):
     with pytest.raises(ValueError):
         GraphId.parse(bad)
+
+
+def test_serving_graph_prefers_the_any_grid_projector():
+    buckets = {GraphId("hiwin", b) for b in HIWIN_BUCKETS}
+    assert serving_graph("hiwin", (2, 3), "fp32", buckets) == GraphId("hiwin", (2, 3))
+    assert serving_graph("hiwin", (2, 3), "fp16", buckets | {GraphId("hiwin", None, "fp16")}) == GraphId("hiwin", None, "fp16")
+    assert serving_graph("hiwin", (2, 3), "fp32", {"hiwin", "vit"}) == GraphId("hiwin")  # names work too
+    assert serving_graph("jbu", None, "fp16", set()) == GraphId("jbu", None, "fp16")
+    with pytest.raises(ValueError, match="needs its bucket"):
+        serving_graph("hiwin", None, "fp32", buckets)
 
 
 def test_weights_file_is_shared_per_family_and_precision():
