@@ -7,7 +7,8 @@
 | ``hiwin.onnx`` | ``feat1x`` [batch, Cv, h, w], ``feat2x``, ``feat4x`` | ``tokens`` f32 [batch, 144, C] |
 
 The ViT interpolates its position embeddings in-graph (bicubic ``Resize`` to the input's patch
-grid). The projector graph computes the fast form (docs/model.md §4.9) and chooses the crop's RoI
+grid). The JBU graph computes its adaptive convolutions as one GEMM per 8x8 output tile
+(:func:`hiwin_model.jbu.adaptive_conv_tiled`). The projector graph computes the fast form (docs/model.md §4.9) and chooses the crop's RoI
 sampling grid (oh, ow) itself from its input shapes, with the released rule written as integer
 comparisons (:func:`hiwin_model.projector.grid_from_shape`): one graph and one copy of the weights
 serve every bucket. ``--projector-impl faithful`` exports the released order of operations
@@ -32,6 +33,15 @@ from hiwin_runtime.graph_id import GraphId
 # needs) to 256 patches (3584 px) per side, which covers every crop the slicer produces.
 MIN_PATCHES, MAX_PATCHES, MAX_BATCH = 2, 256, 64
 assert 4 * MAX_PATCHES <= EXPORT_MAX_SIDE, "the fast projector's RoI sample bound must cover the 4x level"
+
+
+class _JbuTiled(nn.Module):
+    def __init__(self, jbu: nn.Module):
+        super().__init__()
+        self.jbu = jbu
+
+    def forward(self, features: Tensor, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
+        return self.jbu(features, pixel_values, conv="tiled")
 
 
 class _HiwinAnyGrid(nn.Module):
@@ -99,7 +109,7 @@ def graph_specs(projector_impl: str = "fast") -> list[GraphSpec]:
     specs = [
         GraphSpec(GraphId("vit"), lambda m: m.vision_tower, ("pixel_values",), ("features",),
                   {"pixel_values": {0: "batch", 2: "14h", 3: "14w"}}, lambda m: (_pixels(m),)),
-        GraphSpec(GraphId("jbu"), lambda m: m.jbu, ("features", "pixel_values"), ("feat2x", "feat4x"),
+        GraphSpec(GraphId("jbu"), lambda m: _JbuTiled(m.jbu), ("features", "pixel_values"), ("feat2x", "feat4x"),
                   {"features": {0: "batch", 2: "h", 3: "w"}, "pixel_values": {0: "batch", 2: "14h", 3: "14w"}},
                   lambda m: (_feats(m), _pixels(m))),
     ]

@@ -88,6 +88,61 @@ def adaptive_conv(hr_padded: Tensor, kernel: Tensor, diameter: int) -> Tensor:
     return out.to(hr_padded.dtype)
 
 
+CONV_IMPLS = ("taps", "tiled")
+TILE = 8  # output rows and columns per tile of the tiled form
+
+
+def adaptive_conv_tiled(hr_padded: Tensor, kernel: Tensor, diameter: int, tile: int = TILE) -> Tensor:
+    """:func:`adaptive_conv` as one batched GEMM per output tile (the form the exported JBU graph
+    computes: 2x faster than the tap loop in ONNX Runtime, where every tap would be a Slice, a Mul
+    and an Add over (C, H, W)).
+
+    The output is cut into ``tile x tile`` tiles; a tile reads the ``(tile + d - 1)^2`` input pixels
+    around it. Per tile: ``out (tile^2, C) = A (tile^2, (tile+d-1)^2) @ X ((tile+d-1)^2, C)``, X the
+    tile's input window (channels last, gathered once from the flattened padded map), A the tile's
+    banded kernel, ``A[(y, x), (y + i, x + j)] = kernel[i*d + j, y, x]``, built from the kernel
+    with two small constant one-hot tensors (no scatter). ((tile + d - 1) / d)^2 times the minimal
+    multiply count, in a GEMM of K = (tile + d - 1)^2. Same precision rule as :func:`adaptive_conv`.
+    Works on symbolic shapes (export)."""
+    B, C, Hp, Wp = hr_padded.shape
+    d = diameter
+    H, W = Hp - d + 1, Wp - d + 1
+    span = tile + d - 1
+    acc = torch.promote_types(hr_padded.dtype, torch.float32)
+    dev = hr_padded.device
+    # Tiles are numbered t = ty * nw + tx, one flat axis, and every index below is tensor arithmetic:
+    # no traced shape is ever split into tile counts, so export keeps every size symbolic. Tiles
+    # beyond the map read clamped indices; their outputs are never gathered (inside the map no
+    # index is ever clamped).
+    nw = (W + tile - 1) // tile
+    n = ((H + tile - 1) // tile) * nw
+    t = torch.arange(n, device=dev)
+    ty = t // nw
+    ty, tx = ty * tile, (t - ty * nw) * tile  # tile origins (no remainder op: ONNX has no Mod by a shape)
+    s_ = torch.arange(span, device=dev)
+    r = (ty[:, None] + s_[None, :]).clamp(max=Hp - 1)  # (n, span)
+    c = (tx[:, None] + s_[None, :]).clamp(max=Wp - 1)
+    x = hr_padded.to(acc).permute(0, 2, 3, 1).reshape(B, Hp * Wp, C)  # channels last, flat
+    windows = x[:, (r[:, :, None] * Wp + c[:, None, :]).reshape(-1, span * span)]  # (B, n, span^2, C)
+    o_ = torch.arange(tile, device=dev)
+    ky = (ty[:, None] + o_[None, :]).clamp(max=H - 1)  # (n, tile)
+    kx = (tx[:, None] + o_[None, :]).clamp(max=W - 1)
+    kidx = (ky[:, :, None] * W + kx[:, None, :]).reshape(-1, tile * tile)  # (n, tile^2)
+    k = kernel.to(acc).reshape(B, d * d, H * W)[:, :, kidx]  # (B, d*d, n, tile^2)
+    k = k.permute(0, 2, 3, 1).reshape(B, -1, tile, tile, d, d)  # (B, n, y, x, i, j)
+    o, tt, s = (torch.arange(m, device=dev) for m in (tile, d, span))
+    onehot = (s[None, None, :] == o[:, None, None] + tt[None, :, None]).to(acc)  # (tile, d, span): [s == o + t]
+    band = torch.matmul(k, onehot)  # (B, n, y, x, i, span_x): tap j at column x + j
+    band = torch.matmul(onehot.transpose(1, 2)[:, None], band)  # (B, n, y, x, span_y, span_x): i at row y + i
+    out = torch.matmul(band.reshape(B, -1, tile * tile, span * span), windows)  # (B, n, tile^2, C)
+    # pixel (y, x) is row (y % tile) * tile + x % tile of tile (y // tile) * nw + x // tile
+    y, xx = torch.arange(H, device=dev), torch.arange(W, device=dev)
+    qy, qx = y // tile, xx // tile
+    pix = (qy[:, None] * nw + qx[None, :]) * (tile * tile) + (y - qy * tile)[:, None] * tile + (xx - qx * tile)[None, :]
+    out = out.reshape(B, -1, C)[:, pix]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2).to(hr_padded.dtype)
+
+
 class JBULayer(nn.Module):
     """One learned-range joint bilateral up-sampling layer (FeatUp ``JBULearnedRange``), x2."""
 
@@ -124,8 +179,11 @@ class JBULayer(nn.Module):
                               for i in range(self.diameter) for j in range(self.diameter)], dim=1)
         return F.softmax(temp * logits, dim=1)
 
-    def forward(self, source: Tensor, guidance: Tensor) -> Tensor:
-        """source (B, C, h, w), guidance (B, 3, H, W) at the output size -> (B, C, H, W)."""
+    def forward(self, source: Tensor, guidance: Tensor, conv: str = "taps") -> Tensor:
+        """source (B, C, h, w), guidance (B, 3, H, W) at the output size -> (B, C, H, W). ``conv``:
+        ``"taps"`` (:func:`adaptive_conv`, the reference) or ``"tiled"`` (:func:`adaptive_conv_tiled`)."""
+        if conv not in CONV_IMPLS:
+            raise ValueError(f"unknown adaptive convolution {conv!r} (known: {', '.join(CONV_IMPLS)})")
         H, W = guidance.shape[-2:]
         if source.shape[0] != guidance.shape[0]:
             raise ValueError(f"batch mismatch: source {source.shape[0]} vs guidance {guidance.shape[0]}")
@@ -136,6 +194,8 @@ class JBULayer(nn.Module):
         kernel = kernel + 0.1 * self.fixup_proj(torch.cat([kernel, guidance], dim=1))
         hr = bicubic_resize(source, (H, W))
         hr = F.pad(hr, [self.radius] * 4, mode="reflect")
+        if conv == "tiled":
+            return adaptive_conv_tiled(hr, kernel, self.diameter)
         return adaptive_conv(hr, kernel, self.diameter)
 
 
@@ -152,18 +212,18 @@ class JBUStack(nn.Module):
         self.fixup_proj = nn.Sequential(nn.Dropout2d(0.2), nn.Conv2d(dim, dim, 1, device=device, dtype=dtype))
 
     @staticmethod
-    def _up(layer: JBULayer, source: Tensor, image: Tensor) -> Tensor:
+    def _up(layer: JBULayer, source: Tensor, image: Tensor, conv: str) -> Tensor:
         h, w = source.shape[-2:]
-        return layer(source, adaptive_avg_pool(image, (2 * h, 2 * w)))
+        return layer(source, adaptive_avg_pool(image, (2 * h, 2 * w)), conv)
 
-    def forward_levels(self, features: Tensor, image: Tensor, *, detach_2x: bool = False):
+    def forward_levels(self, features: Tensor, image: Tensor, *, detach_2x: bool = False, conv: str = "taps"):
         """(feat2x, feat4x). ``detach_2x`` trains the 4x stage on a detached 2x input (stage 0)."""
-        f2 = self._up(self.up1, features, image)
-        s4 = self._up(self.up2, f2.detach() if detach_2x else f2, image)
+        f2 = self._up(self.up1, features, image, conv)
+        s4 = self._up(self.up2, f2.detach() if detach_2x else f2, image, conv)
         return f2, s4 + self.fixup_scale * self.fixup_proj(s4)
 
-    def forward(self, features: Tensor, image: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, features: Tensor, image: Tensor, conv: str = "taps") -> tuple[Tensor, Tensor]:
         """features (B, C, h, w) and normalised image (B, 3, 14h, 14w) -> (feat2x, feat4x)."""
         if features.dim() != 4 or image.dim() != 4:
             raise ValueError("JBUStack expects features (B, C, h, w) and image (B, 3, H, W)")
-        return self.forward_levels(features, image)
+        return self.forward_levels(features, image, conv=conv)

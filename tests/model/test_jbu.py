@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import official_shapes
-from hiwin_model.jbu import JBULayer, JBUStack, adaptive_avg_pool, adaptive_conv, adaptive_pool_matrix
+from hiwin_model.jbu import (JBULayer, JBUStack, adaptive_avg_pool, adaptive_conv, adaptive_conv_tiled,
+                             adaptive_pool_matrix)
 
 
 @pytest.mark.parametrize("n_in,n_out", [(14, 2), (28, 4), (42, 12), (84, 24), (7, 7), (10, 3), (5, 9)])
@@ -39,6 +40,27 @@ def test_adaptive_conv_equals_unfold():
     hr = torch.randn(2, 5, 16, 19, dtype=torch.float64)
     k = torch.randn(2, 49, 10, 13, dtype=torch.float64)
     torch.testing.assert_close(adaptive_conv(hr, k, 7), _unfold_conv(hr, k, 7), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("h,w", [(1, 1), (4, 4), (8, 8), (9, 17), (17, 9), (33, 10), (16, 24)])
+@pytest.mark.parametrize("d", [3, 7])
+def test_tiled_conv_equals_unfold(h, w, d):
+    """Whole and partial tiles, maps under one tile, both diameters (float64: only the summation
+    order differs)."""
+    g = torch.Generator().manual_seed(h * 100 + w)
+    hr = torch.randn(2, 5, h + d - 1, w + d - 1, dtype=torch.float64, generator=g)
+    k = torch.randn(2, d * d, h, w, dtype=torch.float64, generator=g)
+    torch.testing.assert_close(adaptive_conv_tiled(hr, k, d), _unfold_conv(hr, k, d), rtol=1e-12, atol=1e-12)
+
+
+def test_tiled_stack_equals_taps_and_unknown_conv_is_refused():
+    stack = _randomised(JBUStack(8), seed=2)
+    f1, img = torch.randn(2, 8, 5, 3), torch.randn(2, 3, 70, 42)
+    with torch.no_grad():
+        for a, b in zip(stack(f1, img), stack(f1, img, conv="tiled")):
+            assert float((a - b).abs().max()) <= 1e-5 * float(a.abs().max())
+    with pytest.raises(ValueError, match="unknown adaptive convolution"):
+        stack(f1, img, conv="unfold")
 
 
 def reference_jbu_layer(layer: JBULayer, source, guidance):
