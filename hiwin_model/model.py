@@ -74,16 +74,20 @@ class HiwinVision(nn.Module):
     def device(self) -> torch.device:
         return self.projector.proj.device
 
-    def stages(self, projector_impl: str | None = None) -> Stages:
+    def stages(self, projector_impl: str | None = None, jbu_conv: str = "taps") -> Stages:
         """ViT, JBU and projector as crop-chain stages (inputs moved to the model's device/dtype);
-        ``projector_impl`` overrides the projector's own form (parity pins ``"faithful"``)."""
+        ``projector_impl`` overrides the projector's own form (parity pins ``"faithful"``), ``"any-grid"``
+        runs the form of the exported graph (:meth:`HiwinProjector.forward_any_grid`); ``jbu_conv``
+        picks the JBU's adaptive convolution (``"taps"``, the reference, or ``"tiled"``)."""
         def vit(pixels: Tensor) -> Tensor:
             return self.vision_tower(torch.as_tensor(pixels).to(device=self.device, dtype=self.dtype))
 
         def jbu(f1: Tensor, pixels: Tensor) -> tuple[Tensor, Tensor]:
-            return self.jbu(f1, torch.as_tensor(pixels).to(device=self.device, dtype=self.dtype))
+            return self.jbu(f1, torch.as_tensor(pixels).to(device=self.device, dtype=self.dtype), conv=jbu_conv)
 
         def projector(bucket: tuple[int, int], f1: Tensor, f2: Tensor, f4: Tensor) -> Tensor:
+            if projector_impl == "any-grid":
+                return self.projector.forward_any_grid([f1, f2, f4])
             return self.projector([f1, f2, f4], grid_hw=bucket, impl=projector_impl)
 
         return Stages(vit, jbu, projector)

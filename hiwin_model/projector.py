@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from hiwin_runtime.buckets import GRID_CANDIDATES, sampling_grid  # noqa: F401  (re-exported)
 
-from .jbu import bicubic_matrix
+from .resample import bicubic_matrix
 from .roi_align import roi_align
 
 LEVELS = ("1x", "2x", "4x")

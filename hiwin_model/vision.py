@@ -3,7 +3,7 @@
 Only the blocks that layer -2 needs are built (23 of 24). Position embeddings are resized with
 bicubic interpolation (``align_corners=False``) to the crop's patch grid, CLS position kept,
 exactly as the released ``AdaptCLIPVisionEmbeddings``; at the native 24x24 grid the table is used
-unchanged. Parameter names are HF's (``vision_model.*``).
+unchanged (the exported graph computes the same resize as two matrices, no ``Resize`` node). Parameter names are HF's (``vision_model.*``).
 """
 
 from __future__ import annotations
@@ -13,14 +13,26 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import VisionConfig
+from .resample import bicubic_matrix
 
 
 def resize_position_embedding(table: Tensor, grid: int, h: int, w: int) -> Tensor:
-    """(1 + grid^2, C) CLIP table -> (1 + h*w, C) for an h x w patch grid."""
-    if (h, w) == (grid, grid):
-        return table
+    """(1 + grid^2, C) CLIP table -> (1 + h*w, C) for an h x w patch grid.
+
+    Eager: ``F.interpolate`` (the released call). Symbolic sizes (export): the same resize as two
+    shape-derived bicubic matrices, ``M_h T M_w^T`` (exact ``F.interpolate`` semantics), so the
+    graph holds MatMuls instead of a cubic ``Resize`` (TensorRT's cubic border rule is not
+    PyTorch's). At the native grid both are the identity."""
     cls, patches = table[:1], table[1:]
     C = patches.shape[-1]
+    if not (isinstance(h, int) and isinstance(w, int)):
+        mh = bicubic_matrix(grid, h, dtype=torch.float32, device=table.device)
+        mw = bicubic_matrix(grid, w, dtype=torch.float32, device=table.device)
+        p = torch.matmul(mh, patches.float().reshape(grid, grid * C)).reshape(h, grid, C)  # rows resized
+        p = torch.matmul(mw, p).to(table.dtype)  # (w, grid) @ (h, grid, C) -> (h, w, C): columns resized
+        return torch.cat([cls, p.reshape(h * w, C)], dim=0)
+    if (h, w) == (grid, grid):
+        return table
     p = patches.reshape(1, grid, grid, C).permute(0, 3, 1, 2)  # (1, C, grid, grid)
     p = F.interpolate(p, size=(h, w), mode="bicubic", align_corners=False)
     return torch.cat([cls, p.permute(0, 2, 3, 1).reshape(h * w, C)], dim=0)

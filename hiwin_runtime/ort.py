@@ -20,11 +20,38 @@ def default_providers() -> list[str]:
     return (["CUDAExecutionProvider"] if "CUDAExecutionProvider" in avail else []) + ["CPUExecutionProvider"]
 
 
+_ENV_ARENA_LOCK = threading.Lock()
+_ENV_ARENA = False
+
+
+def share_cpu_arena() -> None:
+    """Register one CPU arena allocator in ONNX Runtime's process-wide environment (once).
+
+    Sessions that opt in (``session.use_env_allocators``) then draw their activations from this one
+    arena instead of one arena each: the vision stages run one after the other, so the process
+    peaks at the largest stage instead of the sum of every session's own high-water mark (measured
+    at real dims, ViT + JBU + projector over four crops: peak RSS 3515 -> 2948 MiB, same time)."""
+    global _ENV_ARENA
+    import onnxruntime as ort
+
+    with _ENV_ARENA_LOCK:
+        if _ENV_ARENA:
+            return
+        info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        try:
+            ort.create_and_register_allocator(info, None)
+        except Exception as e:  # registered earlier in this process by other code: that one is shared
+            if "already" not in str(e).lower():
+                raise
+        _ENV_ARENA = True
+
+
 class OnnxRunner:
     """One ONNX Runtime session per graph (created on first use, once even under racing threads);
     inputs are validated against the manifest before every run."""
 
-    def __init__(self, export: ExportDir, providers: list[str] | None = None, threads: int | None = None):
+    def __init__(self, export: ExportDir, providers: list[str] | None = None, threads: int | None = None,
+                 shared_arena: bool = True):
         import onnxruntime as ort
 
         self.export = export
@@ -36,6 +63,9 @@ class OnnxRunner:
         # a page-fault storm). Measured at real dims, JBU on 336x336 + 266x406 crops, steady state:
         # pattern on 4179 MiB peak / 1.72 s per crop; off 2265 MiB / 1.50 s; arena off too 2580 MiB / 1.93 s.
         self.opts.enable_mem_pattern = False
+        if shared_arena:  # one CPU arena for every session of the process (share_cpu_arena)
+            share_cpu_arena()
+            self.opts.add_session_config_entry("session.use_env_allocators", "1")
         if threads:
             self.opts.intra_op_num_threads = threads
         self.providers = providers or ["CPUExecutionProvider"]

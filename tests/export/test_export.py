@@ -105,8 +105,10 @@ def test_graphs_are_checker_clean(exported):
         assert json.loads({p.key: p.value for p in m.metadata_props}["hiwin_config"])["hidden_size"] == 128
         ops = {n.op_type for n in m.graph.node}
         assert "RoiAlign" not in ops  # the fast projector: separable RoI as MatMuls
-        if name.startswith("hiwin"):  # bicubic key positions as matrices too: no Resize left
-            assert "MatMul" in ops and "Softmax" in ops and not ops & {"Einsum", "Loop", "NonZero", "If", "Resize"}
+        if name.split(".")[0] in VISION:  # every resize is a pair of shape-derived MatMuls: no Resize left
+            assert "Resize" not in ops, name
+        if name.startswith("hiwin"):
+            assert "MatMul" in ops and "Softmax" in ops and not ops & {"Einsum", "Loop", "NonZero", "If"}
         assert {o.domain for o in m.opset_import} <= {"", "ai.onnx"}
         assert dict((o.domain, o.version) for o in m.opset_import)[""] == 18
 
@@ -136,11 +138,12 @@ def _tensor_types(m: onnx.ModelProto) -> dict[str, int]:
         t.name: t.data_type for t in g.initializer}
 
 
-def test_jbu_graph_is_tensorrt_friendly(exported):
+def test_vision_graphs_are_tensorrt_friendly(exported):
     """No cubic Resize (slow in ONNX Runtime, border rules differ in TensorRT) and no float64."""
-    m = onnx.load(str(exported / "jbu.onnx"), load_external_data=False)
-    assert "Resize" not in {n.op_type for n in m.graph.node}
-    assert onnx.TensorProto.DOUBLE not in set(_tensor_types(m).values())
+    for name in VISION:
+        m = onnx.load(str(exported / f"{name}.onnx"), load_external_data=False)
+        assert "Resize" not in {n.op_type for n in m.graph.node}, name
+        assert onnx.TensorProto.DOUBLE not in set(_tensor_types(m).values()), name
 
 
 def test_fp16_graphs_follow_the_precision_policy(exported):
