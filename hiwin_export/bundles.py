@@ -9,7 +9,9 @@ real generated page preprocessed like the reference) and ``reference_outputs.jso
 
 ``--atol`` per output is the fp32 bound (1e-4) times that output's max |ref|, i.e. the harness's
 "max rel" criterion in Polygraphy's terms. The ``--trt`` command pins the profile to the bundle's
-shapes.
+shapes. A graph with TensorRT plugin nodes (tensorrt flavour) gets no ``--onnxrt`` command (``null``:
+ONNX Runtime cannot run it) and its ``--trt`` command loads the plugin library
+(``--plugins libhiwin_plugins.so``: give the path of the library built from engines/plugins).
 """
 
 from __future__ import annotations
@@ -29,10 +31,11 @@ from hiwin_runtime.slicing import normalize
 # projector graph) bundles use all of them.
 BUNDLE_GRIDS = ((24, 24), (19, 29), (29, 19), (16, 32), (32, 16), (18, 24), (24, 18))
 FP32_MAX_REL = 1e-4
+PLUGIN_LIBRARY = "libhiwin_plugins.so"  # built from engines/plugins (cmake); the commands name it relatively
 
 
 def _save(graph_dir: Path, feeds: dict[str, np.ndarray], outs: dict[str, np.ndarray], graph_file: str,
-          bound: float) -> dict:
+          bound: float, plugins: list[str] = ()) -> dict:
     from polygraphy.comparator import RunResults
     from polygraphy.comparator.struct import IterationResult
     from polygraphy.json import save_json
@@ -49,18 +52,22 @@ def _save(graph_dir: Path, feeds: dict[str, np.ndarray], outs: dict[str, np.ndar
     shapes = " ".join(f"{k}:[{','.join(map(str, v.shape))}]" for k, v in feeds.items())
     info = {"graph": graph_file, "inputs": {k: list(v.shape) for k, v in feeds.items()},
             "outputs": {k: list(v.shape) for k, v in outs.items()},
-            "onnxrt_command": f"polygraphy run {graph_file} --onnxrt {common}",
+            "onnxrt_command": None if plugins else f"polygraphy run {graph_file} --onnxrt {common}",
             "trt_command": (f"polygraphy run {graph_file} --trt --trt-min-shapes {shapes} --trt-opt-shapes {shapes} "
-                            f"--trt-max-shapes {shapes} {common}")}
+                            f"--trt-max-shapes {shapes} "
+                            + (f"--plugins {PLUGIN_LIBRARY} " if plugins else "") + common)}
+    if plugins:
+        info["plugins"] = list(plugins)
     (graph_dir / "bundle.json").write_text(json.dumps(info, indent=1))
     return info
 
 
-def write_bundles(model, out_dir: Path, graphs: set[GraphId], crops, bound: float = FP32_MAX_REL) -> dict[str, list[str]]:
+def write_bundles(model, out_dir: Path, graphs: set[GraphId], crops, bound: float = FP32_MAX_REL,
+                  plugins: dict[str, list[str]] | None = None) -> dict[str, list[str]]:
     """Write bundles for the exported fp32 vision ``graphs`` into ``out_dir/bundles``: each crop image
     (sides multiples of the patch size; the exporter passes one per shape in :data:`BUNDLE_GRIDS`)
-    through the reference crop chain, each stage call saved with the graph's I/O names.
-    Returns {graph name: [bundle dirs]}."""
+    through the reference crop chain, each stage call saved with the graph's I/O names. ``plugins``:
+    graph name -> the TensorRT plugin ops it holds (tensorrt flavour). Returns {graph name: [bundle dirs]}."""
     p = model.config.vision.patch_size
     written: dict[str, list[str]] = {}
     root = out_dir / "bundles"
@@ -77,6 +84,7 @@ def write_bundles(model, out_dir: Path, graphs: set[GraphId], crops, bound: floa
                 continue
             d = root / gid.name / f"{h}x{w}"
             _save(d, {k: v.float().numpy() for k, v in call.inputs.items()},
-                  {k: v.float().numpy() for k, v in call.outputs.items()}, gid.file, bound)
+                  {k: v.float().numpy() for k, v in call.outputs.items()}, gid.file, bound,
+                  (plugins or {}).get(gid.name, []))
             written.setdefault(gid.name, []).append(str(d.relative_to(out_dir)))
     return written

@@ -4,6 +4,9 @@
   hiwin-export parity --model DIR --export EXPORT_DIR [--report-dir DIR] [--quick] [--precision fp16]
   hiwin-export run --model EXPORT_DIR --image FILE --prompt TEXT     answer (streamed), ONNX Runtime
   hiwin-export bench [--sizes 1008x672 336x336] [--repeats 3] [--e2e tiny real-width]
+  hiwin-export engines --export EXPORT_DIR --out ENGINE_DIR --target a100|h100|orin [--precision fp16]
+               [--plugin-lib libhiwin_plugins.so] [--emit-trtexec [SCRIPT]]     TensorRT engine set (docs/tensorrt.md)
+  hiwin-export verify-engines --export EXPORT_DIR --engines ENGINE_DIR [--mode runner|polygraphy]
 
 Without ``--model`` the embedded tiny model is used (no network; ``run`` exports it to a temporary
 directory first). ``parity`` exits 1 when a bound is exceeded and writes ``parity.json`` +
@@ -39,8 +42,10 @@ def cmd_export(a) -> int:
     graphs = a.graphs.split(",") if a.graphs else None
     mf = export_model(_model(a.model), a.out, overwrite=a.overwrite, graphs=graphs, bundles=not a.no_bundles,
                        parity=None if a.parity == "none" else a.parity,
-                       precisions=("fp32",) if a.no_fp16 else ("fp32", "fp16"), projector_impl=a.projector_impl)
-    print(f"{a.out}: {len(mf['graphs'])} graphs ({', '.join(sorted(mf['graphs']))}), opset {mf['opset']}")
+                       precisions=("fp32",) if a.no_fp16 else ("fp32", "fp16"), projector_impl=a.projector_impl,
+                       flavour=a.flavour)
+    print(f"{a.out}: {len(mf['graphs'])} graphs ({', '.join(sorted(mf['graphs']))}), opset {mf['opset']}, "
+          f"flavour {mf['flavour']}")
     return 0
 
 
@@ -95,6 +100,77 @@ def cmd_bench(a) -> int:
     return 0
 
 
+def cmd_engines(a) -> int:
+    from hiwin_runtime.trt import TrtUnavailable
+
+    from .engines import BuildError, EngineOptions, build_engines, emit_trtexec, index_engines
+
+    opts = EngineOptions(target=a.target, precision=a.precision, plugin_lib=a.plugin_lib,
+                         workspace_gib=a.workspace_gib, opt_level=a.opt_level, timing_cache=a.timing_cache,
+                         num_profiles=a.num_profiles, max_slices=a.max_slices, vision_batch=a.vision_batch,
+                         upsample_batch=a.upsample_batch, serialize_plugins=a.serialize_plugins, trt_major=a.trt_major)
+    if a.emit_trtexec is not None:
+        script = a.emit_trtexec or f"{a.out}.{a.target}.trtexec.sh"
+        text = emit_trtexec(a.export, a.out, opts, script)
+        n = sum(line.startswith("trtexec ") for line in text.splitlines())
+        print(f"{script}: {n} trtexec builds for {a.target} (run it on the target)")
+        return 0
+    try:
+        info = (index_engines(a.export, a.out, opts) if a.index
+                else build_engines(a.export, a.out, opts, overwrite=a.overwrite))
+    except (BuildError, TrtUnavailable) as e:
+        print(f"hiwin-export: engines: {e}", file=sys.stderr)
+        return 2
+    e = info["engines"]
+    print(f"{a.out}: {len(e)} engines ({', '.join(sorted(e))}) for {info['gpu']['name']} "
+          f"(sm_{''.join(map(str, info['gpu']['compute_capability']))}), TensorRT {info['tensorrt']['version']}")
+    return 0
+
+
+def cmd_verify_engines(a) -> int:
+    import json
+
+    from hiwin_runtime.trt import TrtUnavailable
+
+    from .engines import verify_engines
+
+    try:
+        results = verify_engines(a.export, a.engines, mode=a.mode, plugin_lib=a.plugin_lib)
+    except TrtUnavailable as e:
+        print(f"hiwin-export: verify-engines: {e}", file=sys.stderr)
+        return 2
+    for r in results:
+        print(r.line())
+    counts = {k: sum(r.passed is v for r in results) for k, v in (("passed", True), ("failed", False),
+                                                                    ("skipped", None))}
+    print(f"{counts['passed']} passed, {counts['failed']} failed, {counts['skipped']} skipped")
+    if a.json:
+        Path(a.json).write_text(json.dumps([r.__dict__ for r in results], indent=1))
+    return 1 if counts["failed"] else 0
+
+
+def _add_engine_args(g: argparse.ArgumentParser) -> None:
+    g.add_argument("--export", required=True, help="export directory (hiwin-export export)")
+    g.add_argument("--out", required=True, help="engine set directory to write")
+    g.add_argument("--target", required=True, choices=["a100", "h100", "orin"])
+    g.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="which exported graphs")
+    g.add_argument("--plugin-lib", help="libhiwin_plugins.so (needed for tensorrt-flavour exports)")
+    g.add_argument("--workspace-gib", type=float, help="builder workspace limit (default: 8 on a100/h100, 2 on orin)")
+    g.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0-5 (default 3)")
+    g.add_argument("--timing-cache", help="timing cache file, read if present and updated")
+    g.add_argument("--num-profiles", type=int, default=9, help="optimisation profiles per engine (default 9)")
+    g.add_argument("--max-slices", type=int, default=9, help="slicer's max_slices (ViT batch up to this + 1)")
+    g.add_argument("--vision-batch", type=int, help="ViT profile batch maximum (default max-slices + 1)")
+    g.add_argument("--upsample-batch", type=int, default=1, help="JBU / projector profile batch maximum (default 1)")
+    g.add_argument("--serialize-plugins", action="store_true", help="embed the plugin library in the engines")
+    g.add_argument("--trt-major", type=int, choices=[10, 11], help="TensorRT major of the emitted script "
+                   "(default: 10; Jetson Orin has 10.3)")
+    g.add_argument("--emit-trtexec", nargs="?", const="", default=None, metavar="SCRIPT",
+                   help="write the trtexec + CMake script for the target instead of building (no TensorRT needed)")
+    g.add_argument("--index", action="store_true", help="only write engines.json for engines the script built")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing engine set")
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hiwin-export", description="LLaVA-UHD v2 ONNX export and parity")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -110,6 +186,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--projector-impl", default="fast", choices=["fast", "faithful"],
                    help="projector graphs: fast (separable RoI MatMuls, keys absorbed; default) or faithful "
                         "(ONNX RoiAlign, the released order of operations)")
+    e.add_argument("--flavour", default="onnx", choices=["onnx", "tensorrt"],
+                   help="onnx: standard ONNX (ONNX Runtime, TensorRT; default); tensorrt: the JBU layers as "
+                        "HiwinJbuConv and RoiAlign as HiwinRoiAlign TensorRT plugin nodes (engines/plugins; parity on "
+                        "the ONNX reference evaluator, ONNX Runtime cannot run them)")
     e.set_defaults(func=cmd_export)
     p = sub.add_parser("parity", help="compare the graphs with the PyTorch reference (ONNX Runtime)")
     p.add_argument("--model", help="the HF model directory the graphs were exported from")
@@ -129,6 +209,17 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="vision path at real dims: PyTorch eager vs ONNX Runtime, FLOP floor, peak RSS")
     add_args(b)
     b.set_defaults(func=cmd_bench)
+    g = sub.add_parser("engines", help="TensorRT engine set of an export (or the trtexec script that builds it)")
+    _add_engine_args(g)
+    g.set_defaults(func=cmd_engines)
+    v = sub.add_parser("verify-engines", help="run the export's Polygraphy parity bundles on an engine set")
+    v.add_argument("--export", required=True)
+    v.add_argument("--engines", required=True)
+    v.add_argument("--mode", default="runner", choices=["runner", "polygraphy"],
+                   help="runner: through the runtime's TensorRT backend; polygraphy: polygraphy run --trt per engine")
+    v.add_argument("--plugin-lib", help="plugin library, when not the copy inside the engine set")
+    v.add_argument("--json", help="write the results as JSON")
+    v.set_defaults(func=cmd_verify_engines)
     return ap
 
 

@@ -6,6 +6,11 @@ family's shared external file (:mod:`.weights`), precision variants (:mod:`.prec
 Polygraphy bundles (:mod:`.bundles`) and a parity run (:mod:`.parity`) on the fresh graphs before
 the temporary directory is renamed into place: a failed or interrupted export never leaves a mix of
 old and new files, and a graph beyond its parity bound is never put in place.
+
+Two flavours of the same graphs: ``"onnx"`` (standard ONNX, ONNX Runtime and TensorRT) and
+``"tensorrt"`` (TensorRT plugin nodes in the JBU and faithful projector graphs, :mod:`.plugin_graphs`),
+whose parity runs on ``onnx.reference.ReferenceEvaluator`` with the plugins' CPU launchers, ONNX
+Runtime being unable to run them.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import json
 import logging
 import os
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import onnx
@@ -25,6 +31,7 @@ from .graphs import graph_specs
 from .language import language_manifest, language_specs
 from .manifest import graph_entry, manifest_header, sha256
 from .onnx_export import export_graph
+from .plugin_graphs import FLAVOURS
 from .precision import fp16_variant
 from .weights import SharedWeights
 
@@ -33,7 +40,8 @@ log = logging.getLogger("hiwin_export")
 
 def export_model(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
                  graphs: list[str] | None = None, bundles: bool = True, parity: str | None = "quick",
-                 precisions: tuple[str, ...] = ("fp32", "fp16"), projector_impl: str = "fast") -> dict:
+                 precisions: tuple[str, ...] = ("fp32", "fp16"), projector_impl: str = "fast",
+                 flavour: str = "onnx") -> dict:
     """Export every (or the named) graph of ``model`` into ``out_dir``; returns the manifest.
 
     Vision graphs always; the ``embed`` and ``llm`` graphs, the tokenizer and the runtime facts
@@ -42,13 +50,19 @@ def export_model(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
     directory is put in place: a graph beyond its bound aborts the export
     (:class:`~hiwin_export.parity.ParityError`) and nothing is written. ``projector_impl``: the
     form the projector graphs compute (docs/model.md §4.9); parity compares either with the
-    faithful reference.
+    faithful reference. ``flavour``: ``"onnx"`` (default) or ``"tensorrt"``, the graphs with TensorRT plugin
+    nodes (``HiwinJbuConv`` in the JBU graph, ``HiwinRoiAlign`` in the faithful projector graphs; fp16
+    variants too, :mod:`.precision`), ``manifest["flavour"]`` and per graph ``manifest["graphs"][g]["plugins"]``;
+    its parity runs on the reference executor (:class:`~hiwin_export.plugin_graphs.ReferenceRunner`) and its
+    bundles carry the TensorRT command only.
     """
     if not set(precisions) <= {"fp32", "fp16"} or "fp32" not in precisions:
         raise ValueError(f"precisions must include fp32 and may add fp16, got {precisions}")
     if parity not in (None, "quick", "full"):
         raise ValueError(f"parity must be 'quick', 'full' or None, got {parity!r}")
-    known = graph_specs(projector_impl) + language_specs(model)
+    if flavour not in FLAVOURS:
+        raise ValueError(f"unknown flavour {flavour!r} (known: {', '.join(FLAVOURS)})")
+    known = [replace(s, flavour=flavour) for s in graph_specs(projector_impl, flavour) + language_specs(model)]
     specs = [s for s in known if graphs is None or s.name in graphs]
     unknown = sorted(set(graphs or ()) - {s.name for s in known})
     if unknown or not specs:
@@ -67,7 +81,7 @@ def export_model(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
             manifest["graphs"][gid.name] = graph_entry(gid, spec, proto, path)
         manifest["weights"] = {f.name: {"sha256": sha256(f), "bytes": f.stat().st_size}
                                for f in sorted(tmp.glob("*.weights"))}
-        manifest.update(manifest_header(model, {g.at('fp32') for g in exported}))
+        manifest.update(manifest_header(model, {g.at('fp32') for g in exported}, flavour))
         if any(s.kind == "language" for s in specs):
             manifest["language"] = language_manifest(model)
             if model.processor is not None:
@@ -85,9 +99,10 @@ def export_model(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
             if vision:
                 log.info("writing Polygraphy parity bundles ...")
                 crops = bundle_crops(BUNDLE_GRIDS, model.config.vision.patch_size)
-                manifest["bundles"] = write_bundles(model, tmp, vision, crops)
+                plugins = {n: g["plugins"] for n, g in manifest["graphs"].items() if g.get("plugins")}
+                manifest["bundles"] = write_bundles(model, tmp, vision, crops, plugins=plugins)
         if parity:
-            manifest["parity"] = _run_parity(model, tmp, parity, set(exported))
+            manifest["parity"] = _run_parity(model, tmp, parity, set(exported), flavour)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
 
     atomic_directory(Path(out_dir), write, overwrite=overwrite)
@@ -137,29 +152,35 @@ def _save(proto: onnx.ModelProto, gid: GraphId, tmp: Path, shared: dict) -> None
     onnx.save_model(proto, str(tmp / gid.file))
 
 
-def _run_parity(model, tmp: Path, level: str, graphs: set[GraphId]) -> dict:
+def _run_parity(model, tmp: Path, level: str, graphs: set[GraphId], flavour: str = "onnx") -> dict:
     from hiwin_model.synthetic import parity_pages
     from hiwin_runtime.buckets import HIWIN_BUCKETS
 
-    from .parity import IMAGE_SIZES, Harness
+    from .parity import IMAGE_SIZES, RANDOM_GRIDS, REFERENCE_QUICK_GRIDS, REFERENCE_QUICK_IMAGES, Harness
 
-    log.info("parity (%s) against the PyTorch reference ...", level)
-    summary: dict = {}
+    executor = "reference" if flavour == "tensorrt" else "onnxruntime"
+    log.info("parity (%s, %s) against the PyTorch reference ...", level, executor)
+    # The reference executor runs node by node in numpy: its quick check uses small crops (every bucket
+    # at its smallest, the 2-patch minimum, odd shapes) and one sliced page.
+    small = executor == "reference" and level == "quick"
+    grids = REFERENCE_QUICK_GRIDS if small else RANDOM_GRIDS
+    pages = REFERENCE_QUICK_IMAGES if small else IMAGE_SIZES if level == "full" else IMAGE_SIZES[1:4]
+    summary: dict = {"executor": executor}
     for precision in ("fp32", "fp16"):
         present = {g.at("fp32") for g in graphs if g.precision == precision}
         if not present:
             continue
-        h = Harness(model, tmp, precision=precision)
+        h = Harness(model, tmp, precision=precision, executor=executor)
         language = sorted(g.family for g in present if not g.is_vision)
         vision = {g for g in present if g.is_vision}
         projector = {GraphId("hiwin")} <= vision or {GraphId("hiwin", b) for b in HIWIN_BUCKETS} <= vision
         full = {GraphId("vit"), GraphId("jbu")} <= vision and projector
         if full:
-            h.random_cases()
-            h.image_cases(parity_pages(IMAGE_SIZES if level == "full" else IMAGE_SIZES[1:4]))
+            h.random_cases(grids)
+            h.image_cases(parity_pages(pages))
         else:  # a subset export: per-graph random cases only
             for gid in sorted(vision):
-                h.graph_cases(gid)
+                h.graph_cases(gid, grids)
         if language:
             h.language_cases(language)
         h.write_report(tmp / "reports")

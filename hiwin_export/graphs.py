@@ -15,6 +15,11 @@ serve every bucket. ``--projector-impl faithful`` exports the released order of 
 instead, where the grid is an attribute of ONNX ``RoiAlign``: one graph per grid,
 ``hiwin_{oh}x{ow}.onnx`` (7 buckets, chosen by the runtime from the manifest's rule), sharing one
 external weights file.
+
+``flavour="tensorrt"`` (:mod:`.plugin_graphs`): the same graphs with TensorRT plugin nodes. The JBU
+graph computes each layer's kernel and adaptive convolution as one ``HiwinJbuConv`` node
+(``conv="plugin"``); the faithful projector graphs have ``HiwinRoiAlign`` where the onnx flavour has
+``RoiAlign``; the ViT and the fast projector graph need no plugin and are the same as in the onnx flavour.
 """
 
 from __future__ import annotations
@@ -30,18 +35,20 @@ from hiwin_runtime.buckets import HIWIN_BUCKETS
 from hiwin_runtime.graph_id import GraphId
 
 # Patch-grid range every graph is exported (and checked) for: 2 patches (28 px, what the JBU
-# needs) to 256 patches (3584 px) per side, which covers every crop the slicer produces.
-MIN_PATCHES, MAX_PATCHES, MAX_BATCH = 2, 256, 64
+# needs) to 288 patches (4032 px) per side: the slicer's longest side is s^2 / (2 p^2) = 288 patches
+# (a 2 x 288 crop of an image beyond 1:116; hiwin_export.profiles proves the bound and enumerates
+# every reachable crop), so every crop it produces is in range.
+MIN_PATCHES, MAX_PATCHES, MAX_BATCH = 2, 288, 64
 assert 4 * MAX_PATCHES <= EXPORT_MAX_SIDE, "the fast projector's RoI sample bound must cover the 4x level"
 
 
-class _JbuTiled(nn.Module):
-    def __init__(self, jbu: nn.Module):
+class _Jbu(nn.Module):
+    def __init__(self, jbu: nn.Module, conv: str):
         super().__init__()
-        self.jbu = jbu
+        self.jbu, self.conv = jbu, conv
 
     def forward(self, features: Tensor, pixel_values: Tensor) -> tuple[Tensor, Tensor]:
-        return self.jbu(features, pixel_values, conv="tiled")
+        return self.jbu(features, pixel_values, conv=self.conv)
 
 
 class _HiwinAnyGrid(nn.Module):
@@ -76,6 +83,7 @@ class GraphSpec:
     # torch.export shapes keyed by forward() parameter (default: derived from ``axes``)
     export_shapes: Callable[[], dict] | None = None
     output_axes: dict[str, dict[int, str]] = field(default_factory=dict)
+    flavour: str = "onnx"  # "onnx" (standard ONNX) or "tensorrt" (TensorRT plugin nodes, .plugin_graphs)
 
     @property
     def name(self) -> str:
@@ -100,18 +108,23 @@ def _feats(model, h=3, w=2, b=2, s=1):
     return torch.randn(b, model.config.vision.hidden_size, s * h, s * w)
 
 
-def graph_specs(projector_impl: str = "fast") -> list[GraphSpec]:
+def graph_specs(projector_impl: str = "fast", flavour: str = "onnx") -> list[GraphSpec]:
     """The vision specs. ``projector_impl="fast"``: one any-grid projector graph (separable RoI
     MatMuls, absorbed keys, grid from the shapes); ``"faithful"``: ONNX ``RoiAlign`` and the released
-    order, one graph per bucket. Parity compares either with the faithful reference."""
+    order, one graph per bucket. Parity compares either with the faithful reference. ``flavour``:
+    ``"onnx"`` or ``"tensorrt"`` (the JBU's layers as ``HiwinJbuConv`` plugin nodes, ``RoiAlign`` as
+    ``HiwinRoiAlign``)."""
     if projector_impl not in ("fast", "faithful"):
         raise ValueError(f"unknown projector implementation {projector_impl!r} (known: fast, faithful)")
+    if flavour not in ("onnx", "tensorrt"):
+        raise ValueError(f"unknown flavour {flavour!r} (known: onnx, tensorrt)")
+    conv = "plugin" if flavour == "tensorrt" else "tiled"
     specs = [
         GraphSpec(GraphId("vit"), lambda m: m.vision_tower, ("pixel_values",), ("features",),
-                  {"pixel_values": {0: "batch", 2: "14h", 3: "14w"}}, lambda m: (_pixels(m),)),
-        GraphSpec(GraphId("jbu"), lambda m: _JbuTiled(m.jbu), ("features", "pixel_values"), ("feat2x", "feat4x"),
+                  {"pixel_values": {0: "batch", 2: "14h", 3: "14w"}}, lambda m: (_pixels(m),), flavour=flavour),
+        GraphSpec(GraphId("jbu"), lambda m: _Jbu(m.jbu, conv), ("features", "pixel_values"), ("feat2x", "feat4x"),
                   {"features": {0: "batch", 2: "h", 3: "w"}, "pixel_values": {0: "batch", 2: "14h", 3: "14w"}},
-                  lambda m: (_feats(m), _pixels(m))),
+                  lambda m: (_feats(m), _pixels(m)), flavour=flavour),
     ]
     levels = {"feat1x": {0: "batch", 2: "h", 3: "w"}, "feat2x": {0: "batch", 2: "2h", 3: "2w"},
               "feat4x": {0: "batch", 2: "4h", 3: "4w"}}
@@ -119,12 +132,13 @@ def graph_specs(projector_impl: str = "fast") -> list[GraphSpec]:
         return specs + [GraphSpec(
             GraphId("hiwin"), lambda m: _HiwinAnyGrid(m.projector), ("feat1x", "feat2x", "feat4x"), ("tokens",),
             levels, lambda m: tuple(_feats(m, s=s) for s in (1, 2, 4)),
-            meta={"sampling_grid": "from the input shapes (manifest buckets.rule)", "projector_impl": "fast"})]
+            meta={"sampling_grid": "from the input shapes (manifest buckets.rule)", "projector_impl": "fast"},
+            flavour=flavour)]
     for g in HIWIN_BUCKETS:
         specs.append(GraphSpec(
             GraphId("hiwin", g), lambda m, g=g: _HiwinBucket(m.projector, g, projector_impl), ("feat1x", "feat2x", "feat4x"),
             ("tokens",), levels, lambda m: tuple(_feats(m, s=s) for s in (1, 2, 4)),
-            meta={"sampling_grid": list(g), "projector_impl": projector_impl}))
+            meta={"sampling_grid": list(g), "projector_impl": projector_impl}, flavour=flavour))
     return specs
 
 

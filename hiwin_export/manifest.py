@@ -1,5 +1,6 @@
-"""Writing ``manifest.json``: graph entries (file, sha256, identity, I/O with dynamic axes), the
-shape ranges, the bucket rule as data, the model config and the tool versions.
+"""Writing ``manifest.json``: graph entries (file, sha256, identity, I/O with dynamic axes; in the
+``tensorrt`` flavour the plugin ops each graph holds), the flavour, the shape ranges, the bucket rule as
+data, the model config and the tool versions.
 
 Reading it back (integrity, input checks) is :class:`hiwin_runtime.manifest.ExportDir`, re-exported
 here together with :class:`ExportError`.
@@ -18,6 +19,7 @@ from hiwin_runtime.manifest import MANIFEST_VERSION, ExportDir, ExportError, sha
 
 from .graphs import MAX_BATCH, MAX_PATCHES, MIN_PATCHES, OUTPUT_AXES, GraphSpec
 from .onnx_export import OPSET
+from .plugin_graphs import plugin_ops
 
 __all__ = ["ExportDir", "ExportError", "graph_entry", "manifest_header", "sha256"]
 
@@ -35,18 +37,20 @@ def graph_entry(gid: GraphId, spec: GraphSpec, proto: onnx.ModelProto, path: Pat
     return {"file": path.name, "sha256": sha256(path), "kind": spec.kind, "family": gid.family,
             "bucket": list(gid.bucket) if gid.bucket else None, "precision": gid.precision,
             "inputs": [_io_entry(v, axes.get(v.name, {})) for v in proto.graph.input],
-            "outputs": [_io_entry(v, axes.get(v.name, {})) for v in proto.graph.output], **spec.meta}
+            "outputs": [_io_entry(v, axes.get(v.name, {})) for v in proto.graph.output], **spec.meta,
+            **({"plugins": plugin_ops(proto)} if spec.flavour == "tensorrt" else {})}
 
 
-def manifest_header(model, graphs=()) -> dict:
+def manifest_header(model, graphs=(), flavour: str = "onnx") -> dict:
     """Directory-wide facts; ``graphs`` (the exported :class:`GraphId` s) maps each projector
-    bucket to the graph that serves it."""
+    bucket to the graph that serves it; ``flavour`` says who can run the graphs (a manifest without
+    it is ``"onnx"``)."""
     import onnxruntime
     import torch
 
     v = model.config.vision
     return {
-        "manifest_version": MANIFEST_VERSION, "opset": OPSET,
+        "manifest_version": MANIFEST_VERSION, "opset": OPSET, "flavour": flavour,
         "shape_ranges": {"batch": [1, MAX_BATCH], "patches_per_side": [MIN_PATCHES, MAX_PATCHES],
                          "patch_size": v.patch_size},
         "buckets": {"family": "hiwin", "rule": bucket_rule(),

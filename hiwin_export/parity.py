@@ -8,6 +8,12 @@ token layout) against the reference's visual token sequence.
 
 Statistics per output: max |ref - onnx|, that divided by max |ref| ("max rel"), and cosine
 similarity. A bound exceeded is an error (:class:`ParityError`), never a warning.
+
+Executors: ``"onnxruntime"`` (:class:`~hiwin_runtime.ort.OnnxRunner`) or ``"reference"``
+(:class:`~hiwin_export.plugin_graphs.ReferenceRunner`: ``onnx.reference.ReferenceEvaluator``, TensorRT
+plugin nodes on the plugins' CPU launchers). A ``tensorrt``-flavour export can only use the reference
+executor, which is the default for it; it is slow on large maps, so its quick check uses
+:data:`REFERENCE_QUICK_GRIDS` and :data:`REFERENCE_QUICK_IMAGES`.
 """
 
 from __future__ import annotations
@@ -27,6 +33,8 @@ from hiwin_runtime.graph_id import GraphId
 from hiwin_runtime.manifest import ExportDir
 from hiwin_runtime.ort import OnnxRunner
 
+from .plugin_graphs import ReferenceRunner
+
 log = logging.getLogger("hiwin_export")
 
 FP32_MAX_REL = 1e-4
@@ -36,6 +44,11 @@ RANDOM_GRIDS = ((24, 24), (19, 29), (29, 19), (16, 32), (32, 16), (18, 24), (24,
 # Full images: aspect ratios 1:4 ... 4:1 and extremes, slice counts 1..9 (max_slices 9).
 IMAGE_SIZES = ((1344, 336), (1008, 336), (1008, 672), (1024, 768), (800, 800), (768, 1024), (672, 1008),
                (336, 1008), (336, 1344), (2400, 240), (240, 2400), (500, 300), (336, 336), (90, 60))
+# Quick parity on the reference executor (node by node in numpy): every projector bucket at its smallest
+# crop ((2, 2) is also the 2-patch minimum), two odd shapes, and one page cut into 2 slices + overview.
+REFERENCE_QUICK_GRIDS = ((2, 2), (2, 3), (3, 2), (2, 4), (4, 2), (3, 4), (4, 3), (5, 7), (9, 2))
+REFERENCE_QUICK_IMAGES = ((500, 300),)
+EXECUTORS = ("onnxruntime", "reference")
 
 
 class ParityError(AssertionError):
@@ -66,14 +79,21 @@ def error_stats(ref: np.ndarray, out: np.ndarray) -> tuple[float, float, float]:
 
 class Harness:
     """fp32 graphs must stay within max rel <= 1e-4 of the reference; fp16 graphs (``<name>.fp16``)
-    within cosine >= 0.999 (their max rel is reported too)."""
+    within cosine >= 0.999 (their max rel is reported too). ``executor``: ``"onnxruntime"`` or
+    ``"reference"`` (default: the one the export's flavour allows, ``"reference"`` for ``tensorrt``)."""
 
-    def __init__(self, model, export_dir: str | os.PathLike, *, precision: str = "fp32", seed: int = 0):
+    def __init__(self, model, export_dir: str | os.PathLike, *, precision: str = "fp32", seed: int = 0,
+                 executor: str | None = None):
         if precision not in ("fp32", "fp16"):
             raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
         self.model = model.eval()
         self.export = ExportDir(export_dir)
-        self.runner = OnnxRunner(self.export)
+        executor = executor or ("reference" if self.export.flavour == "tensorrt" else "onnxruntime")
+        if executor not in EXECUTORS:
+            raise ValueError(f"unknown executor {executor!r} (known: {', '.join(EXECUTORS)})")
+        # (ONNX Runtime refuses a tensorrt-flavour directory with an ExportError that says what to do)
+        self.runner = OnnxRunner(self.export) if executor == "onnxruntime" else ReferenceRunner(self.export)
+        self.executor = executor
         self.precision, self.seed = precision, seed
         self.suffix = "" if precision == "fp32" else ".fp16"
         self.criterion = f"max_rel<={FP32_MAX_REL:g}" if precision == "fp32" else f"cosine>={FP16_MIN_COSINE:g}"
@@ -224,7 +244,8 @@ class Harness:
     def write_report(self, out_dir: str | os.PathLike) -> tuple[Path, Path]:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        report = {"precision": self.precision, "criterion": self.criterion, "summary": self.summary(),
+        report = {"precision": self.precision, "criterion": self.criterion, "executor": self.executor,
+                  "flavour": self.export.flavour, "summary": self.summary(),
                   "records": [asdict(r) for r in self.records]}
         jp, mp = out / f"parity{self.suffix}.json", out / f"parity{self.suffix}.md"
         _atomic_write(jp, json.dumps(report, indent=1))
@@ -232,7 +253,8 @@ class Harness:
         return jp, mp
 
     def markdown(self) -> str:
-        lines = [f"| graph ({self.precision}) | cases | worst max abs | worst max rel | min cosine | criterion | ok |",
+        lines = [f"| graph ({self.precision}, {self.executor}) | cases | worst max abs | worst max rel | min cosine "
+                 "| criterion | ok |",
                  "|---|---|---|---|---|---|---|"]
         for g, s in self.summary().items():
             lines.append(f"| {g} | {s['cases']} | {s['worst_max_abs']:.3e} | {s['worst_max_rel']:.3e} | "

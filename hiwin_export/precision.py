@@ -1,6 +1,7 @@
 """Precision passes over exported fp32 graphs, in one place: today the strongly typed fp16 variant
 (``<name>.fp16.onnx``: fp16 compute, :data:`FP16_KEEP_FP32` ops and all shape-derived arithmetic in
-fp32, explicit casts, fp32 I/O, as TensorRT 11's strong typing requires). int8/fp8 Q/DQ passes join
+fp32, explicit casts, fp32 I/O, as TensorRT 11's strong typing requires; in the tensorrt flavour the
+JBU plugin nodes take fp16 data and fp32 parameters, :data:`FP16_PLUGIN_DATA_INPUTS`). int8/fp8 Q/DQ passes join
 here as further functions of the same form: ``ModelProto -> ModelProto``.
 """
 
@@ -24,15 +25,27 @@ FP16_KEEP_FP32 = {
     "RoiAlign": "fp16 coordinates are coarse at large maps and the adaptive grid accumulates many samples",
     "Resize": "bicubic position-embedding interpolation (ViT and projector key positions)",
     "Pow": "RMSNorm squares: Llama activations reach 1e3, whose square overflows fp16",
+    "HiwinRoiAlign": "the RoiAlign plugin (tensorrt flavour), for RoiAlign's reasons (its boxes have X's type)",
 }
+# TensorRT plugin nodes (tensorrt flavour) that take their float data tensors in fp16 inside the fp16 graphs:
+# op type -> positions of the data inputs; the output is fp16 too and every other (parameter) input stays
+# fp32, as the plugin requires. The plugin computes in fp32 whatever its I/O type (engines/plugins), so
+# fp16 I/O rounds only what the fp16 graph rounds anyway (its producers and consumers are fp16 ops) and
+# halves the plugin's memory traffic; casting the data to fp32 around it would add two passes over the
+# largest tensors of the JBU.
+FP16_PLUGIN_DATA_INPUTS = {"HiwinJbuConv": (0, 1, 2)}
 
 
 def fp16_variant(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """The strongly typed fp16 variant of an fp32 graph (loaded with its weights)."""
+    """The strongly typed fp16 variant of an fp32 graph (loaded with its weights). Plugin nodes:
+    :data:`FP16_PLUGIN_DATA_INPUTS` get fp16 data and fp32 parameters (blocked during the conversion so
+    that their parameters stay fp32, then :func:`_plugin_data_fp16`); ``HiwinRoiAlign`` stays fp32."""
     from onnxruntime.transformers.float16 import convert_float_to_float16
 
-    f16 = convert_float_to_float16(proto, keep_io_types=True, op_block_list=sorted(FP16_KEEP_FP32),
+    f16 = convert_float_to_float16(proto, keep_io_types=True,
+                                   op_block_list=sorted(set(FP16_KEEP_FP32) | set(FP16_PLUGIN_DATA_INPUTS)),
                                    node_block_list=_shape_derived_nodes(proto.graph))
+    _plugin_data_fp16(f16.graph)
     _drop_fp16_round_trips(f16.graph)
     _toposort(f16.graph)  # the converter appends its I/O casts at the end
     del f16.graph.value_info[:]  # stale fp32 annotations; strict shape inference redoes them
@@ -62,6 +75,69 @@ def _shape_derived_nodes(graph: onnx.GraphProto) -> list[str]:
         else:
             names.append(n.name)
     return names
+
+
+def _cast_to(n: onnx.NodeProto):
+    return onnx.helper.get_attribute_value(n.attribute[0]) if n.op_type == "Cast" else None
+
+
+def _plugin_data_fp16(graph: onnx.GraphProto) -> int:
+    """Give the :data:`FP16_PLUGIN_DATA_INPUTS` plugin nodes their data in fp16.
+
+    The converter keeps a blocked node fp32 by casting its fp16 inputs up (``x -> Cast(fp32)``) and its
+    output down (``-> Cast(fp16)``). Here the data inputs take the fp16 ``x`` directly and the node writes
+    the fp16 value its down-cast wrote (a consumer that needs fp32, such as a graph output, reads it through
+    one Cast). Parameter inputs keep their fp32 tensors. A node whose data inputs are not all such up-casts
+    of fp16 values stays fp32 (still valid: the plugins take fp32 I/O too). Returns the nodes changed."""
+    types = {v.name: v.type.tensor_type.elem_type for v in [*graph.value_info, *graph.input, *graph.output]}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    fp32_weights = {t.name for t in graph.initializer if t.data_type == TensorProto.FLOAT}
+    producer = {o: n for n in graph.node for o in n.output}
+    outputs = {o.name for o in graph.output}
+    changed, added = 0, []
+    for node in list(graph.node):
+        data = FP16_PLUGIN_DATA_INPUTS.get(node.op_type)
+        if data is None or not node.domain:
+            continue
+        ups = [producer.get(node.input[i]) for i in data]
+        if not all(u is not None and _cast_to(u) == TensorProto.FLOAT and types.get(u.input[0]) == TensorProto.FLOAT16
+                   for u in ups):
+            continue
+        for i, u in zip(data, ups):
+            node.input[i] = u.input[0]
+        for i in range(len(node.input)):  # parameters: the fp32 initializer itself, not a no-op Cast of it
+            u = producer.get(node.input[i])
+            if i not in data and u is not None and _cast_to(u) == TensorProto.FLOAT and u.input[0] in fp32_weights:
+                node.input[i] = u.input[0]
+        out = node.output[0]
+        consumers = [n for n in graph.node if out in n.input]
+        down = [n for n in consumers if _cast_to(n) == TensorProto.FLOAT16]
+        f16 = down[0].output[0] if down else out + "_fp16"
+        for extra in down[1:]:  # more than one down-cast of the same value: all read the first
+            for n in graph.node:
+                for k, x in enumerate(n.input):
+                    if x == extra.output[0]:
+                        n.input[k] = f16
+        node.output[0] = f16
+        for n in down:
+            graph.node.remove(n)
+        if out in outputs or any(n not in down for n in consumers):  # fp32 readers of the old output
+            added.append(onnx.helper.make_node("Cast", [f16], [out], to=TensorProto.FLOAT, name=f"{out}_fp16_to_fp32"))
+        changed += 1
+    graph.node.extend(added)
+    _drop_unused_casts(graph)
+    return changed
+
+
+def _drop_unused_casts(graph: onnx.GraphProto) -> None:
+    """Remove Cast nodes whose output nobody reads (repeatedly: chains of them)."""
+    while True:
+        used = {x for n in graph.node for x in n.input} | {o.name for o in graph.output}
+        dead = [n for n in graph.node if n.op_type == "Cast" and n.output[0] not in used]
+        if not dead:
+            return
+        for n in dead:
+            graph.node.remove(n)
 
 
 def _drop_fp16_round_trips(graph: onnx.GraphProto) -> int:

@@ -11,6 +11,13 @@ the maths and drop the deployment problems:
 
 Computation is in the module's dtype; the adaptive convolution accumulates in fp32 (as the
 released model does) and casts back: the one precision rule of this module.
+
+Three forms of a layer's adaptive convolution (``JBULayer.forward(..., conv=...)``, :data:`CONV_IMPLS`):
+``"taps"`` (the reference), ``"tiled"`` (what the ONNX graph computes) and ``"plugin"``: the kernel
+computation and the convolution as ONE custom op, ``hiwin::jbu_conv`` (:func:`jbu_conv`), whose
+inputs are exactly those of the TensorRT plugin ``HiwinJbuConv`` (engines/plugins/jbuConv); its eager
+body is the reference maths below, and the TensorRT flavour of the export translates it into one
+plugin node.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ def adaptive_conv(hr_padded: Tensor, kernel: Tensor, diameter: int) -> Tensor:
     return out.to(hr_padded.dtype)
 
 
-CONV_IMPLS = ("taps", "tiled")
+CONV_IMPLS = ("taps", "tiled", "plugin")
 TILE = 8  # output rows and columns per tile of the tiled form
 
 
@@ -96,6 +103,86 @@ def adaptive_conv_tiled(hr_padded: Tensor, kernel: Tensor, diameter: int, tile: 
     return out.permute(0, 3, 1, 2).to(hr_padded.dtype)
 
 
+def spatial_kernel(sigma: Tensor, diameter: int) -> Tensor:
+    """(1, d*d, 1, 1) Gaussian ``exp(-(x^2 + y^2) / (2 sigma^2))`` over the d x d grid linspace(-1, 1)
+    ('ij' meshgrid, tap index d*i + j)."""
+    r = torch.linspace(-1, 1, diameter, device=sigma.device, dtype=sigma.dtype)
+    d2 = r[:, None].square() + r[None, :].square()  # (d, d)
+    return torch.exp(-d2 / (2 * sigma ** 2)).reshape(1, -1, 1, 1)
+
+
+def range_kernel(q: Tensor, range_temp: Tensor, radius: int) -> Tensor:
+    """(B, d*d, H, W) softmax over taps of ``clamp(exp(range_temp), 1e-4, 1e4) * <q_neighbour, q_centre>``,
+    neighbours of the reflect-padded key map ``q`` (B, K, H, W)."""
+    H, W = q.shape[-2:]
+    d = 2 * radius + 1
+    qp = F.pad(q, [radius] * 4, mode="reflect")
+    temp = range_temp.exp().clamp(1e-4, 1e4)
+    logits = torch.stack([(qp[:, :, i:i + H, j:j + W] * q).sum(1) for i in range(d) for j in range(d)], dim=1)
+    return F.softmax(temp * logits, dim=1)
+
+
+def normalize_kernel(kernel: Tensor) -> Tensor:
+    """``K / clamp(sum over taps, min=1e-7)``."""
+    return kernel / kernel.sum(1, keepdim=True).clamp_min(1e-7)
+
+
+def _as_conv1x1(w: Tensor) -> Tensor:
+    return w if w.dim() == 4 else w.reshape(*w.shape, 1, 1)
+
+
+def jbu_conv_reference(hr: Tensor, q: Tensor, guidance: Tensor, range_temp: Tensor, sigma_spatial: Tensor,
+                       w1: Tensor, b1: Tensor, w2: Tensor, b2: Tensor, radius: int) -> Tensor:
+    """One JBU layer after its bicubic up-sampling, with the I/O of the ``HiwinJbuConv`` plugin: hr (B, C, H, W)
+    the up-sampled source (not padded), q (B, K, H, W) = range_proj(guidance), guidance (B, 3, H, W), the
+    scalar parameters (any single-element shape) and the fixup convolution's weights (1x1-conv or 2-D shapes).
+    The maths of :meth:`JBULayer.forward` (``conv="taps"``, dropout as identity), step by step."""
+    H, W = hr.shape[-2:]
+    if min(H, W) <= radius:
+        raise ValueError(f"JBU output {H}x{W} is too small for reflect padding by {radius}")
+    d = 2 * radius + 1
+    kernel = range_kernel(q, range_temp.reshape(()), radius) * spatial_kernel(sigma_spatial.reshape(()), d)
+    kernel = normalize_kernel(kernel)
+    hidden = F.gelu(F.conv2d(torch.cat([kernel, guidance], dim=1), _as_conv1x1(w1), b1))
+    kernel = kernel + 0.1 * F.conv2d(hidden, _as_conv1x1(w2), b2)
+    return adaptive_conv(F.pad(hr, [radius] * 4, mode="reflect"), kernel, d)
+
+
+@torch.library.custom_op("hiwin::jbu_conv", mutates_args=())
+def _jbu_conv_op(hr: Tensor, q: Tensor, guidance: Tensor, range_temp: Tensor, sigma_spatial: Tensor, w1: Tensor,
+                 b1: Tensor, w2: Tensor, b2: Tensor, radius: int) -> Tensor:
+    return jbu_conv_reference(hr, q, guidance, range_temp, sigma_spatial, w1, b1, w2, b2, radius)
+
+
+@_jbu_conv_op.register_fake
+def _(hr, q, guidance, range_temp, sigma_spatial, w1, b1, w2, b2, radius):
+    return torch.empty_like(hr)
+
+
+def _jbu_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:9])
+    ctx.radius = inputs[9]
+
+
+def _jbu_backward(ctx, grad):
+    saved = ctx.saved_tensors
+    with torch.enable_grad():
+        xs = [t.detach().requires_grad_(t.is_floating_point()) for t in saved]
+        y = jbu_conv_reference(*xs, ctx.radius)
+        grads = torch.autograd.grad(y, xs, grad, allow_unused=True)
+    return (*grads, None)
+
+
+_jbu_conv_op.register_autograd(_jbu_backward, setup_context=_jbu_setup_context)
+
+
+def jbu_conv(hr: Tensor, q: Tensor, guidance: Tensor, range_temp: Tensor, sigma_spatial: Tensor, w1: Tensor,
+             b1: Tensor, w2: Tensor, b2: Tensor, radius: int) -> Tensor:
+    """The custom op ``hiwin::jbu_conv``: :func:`jbu_conv_reference` eagerly; under export one node with the
+    inputs and attribute of the TensorRT plugin ``HiwinJbuConv`` (``range_temp``/``sigma_spatial`` as (1,))."""
+    return _jbu_conv_op(hr, q, guidance, range_temp.reshape(1), sigma_spatial.reshape(1), w1, b1, w2, b2, int(radius))
+
+
 class JBULayer(nn.Module):
     """One learned-range joint bilateral up-sampling layer (FeatUp ``JBULearnedRange``), x2."""
 
@@ -117,24 +204,17 @@ class JBULayer(nn.Module):
 
     def spatial_kernel(self) -> Tensor:
         """(1, d*d, 1, 1) Gaussian over the d x d grid linspace(-1, 1) ('ij' meshgrid)."""
-        r = torch.linspace(-1, 1, self.diameter, device=self.sigma_spatial.device,
-                           dtype=self.sigma_spatial.dtype)
-        d2 = r[:, None].square() + r[None, :].square()  # (d, d), tap index d*i + j
-        return torch.exp(-d2 / (2 * self.sigma_spatial ** 2)).reshape(1, -1, 1, 1)
+        return spatial_kernel(self.sigma_spatial, self.diameter)
 
     def range_kernel(self, guidance: Tensor) -> Tensor:
         """(B, d*d, H, W) softmax over taps of temp * <q_neighbour, q_centre>."""
-        q = self.range_proj(guidance)  # (B, K, H, W)
-        H, W = q.shape[-2:]
-        qp = F.pad(q, [self.radius] * 4, mode="reflect")
-        temp = self.range_temp.exp().clamp(1e-4, 1e4)
-        logits = torch.stack([(qp[:, :, i:i + H, j:j + W] * q).sum(1)
-                              for i in range(self.diameter) for j in range(self.diameter)], dim=1)
-        return F.softmax(temp * logits, dim=1)
+        return range_kernel(self.range_proj(guidance), self.range_temp, self.radius)
 
     def forward(self, source: Tensor, guidance: Tensor, conv: str = "taps") -> Tensor:
         """source (B, C, h, w), guidance (B, 3, H, W) at the output size -> (B, C, H, W). ``conv``:
-        ``"taps"`` (:func:`adaptive_conv`, the reference) or ``"tiled"`` (:func:`adaptive_conv_tiled`)."""
+        ``"taps"`` (:func:`adaptive_conv`, the reference), ``"tiled"`` (:func:`adaptive_conv_tiled`) or
+        ``"plugin"`` (:func:`jbu_conv`: kernel and convolution as the one op the TensorRT plugin computes;
+        inference only, the fixup's dropout being the identity there)."""
         if conv not in CONV_IMPLS:
             raise ValueError(f"unknown adaptive convolution {conv!r} (known: {', '.join(CONV_IMPLS)})")
         H, W = guidance.shape[-2:]
@@ -142,8 +222,14 @@ class JBULayer(nn.Module):
             raise ValueError(f"batch mismatch: source {source.shape[0]} vs guidance {guidance.shape[0]}")
         if min(H, W) <= self.radius:
             raise ValueError(f"JBU output {H}x{W} is too small for reflect padding by {self.radius}")
+        if conv == "plugin":
+            if self.training:
+                raise ValueError('conv="plugin" is the inference form (no fixup dropout): call .eval() first')
+            first, last = self.fixup_proj[0], self.fixup_proj[3]
+            return jbu_conv(bicubic_resize(source, (H, W)), self.range_proj(guidance), guidance, self.range_temp,
+                            self.sigma_spatial, first.weight, first.bias, last.weight, last.bias, self.radius)
         kernel = self.range_kernel(guidance) * self.spatial_kernel()
-        kernel = kernel / kernel.sum(1, keepdim=True).clamp_min(1e-7)
+        kernel = normalize_kernel(kernel)
         kernel = kernel + 0.1 * self.fixup_proj(torch.cat([kernel, guidance], dim=1))
         hr = bicubic_resize(source, (H, W))
         hr = F.pad(hr, [self.radius] * 4, mode="reflect")

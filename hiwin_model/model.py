@@ -78,7 +78,8 @@ class HiwinVision(nn.Module):
         """ViT, JBU and projector as crop-chain stages (inputs moved to the model's device/dtype);
         ``projector_impl`` overrides the projector's own form (parity pins ``"faithful"``), ``"any-grid"``
         runs the form of the exported graph (:meth:`HiwinProjector.forward_any_grid`); ``jbu_conv``
-        picks the JBU's adaptive convolution (``"taps"``, the reference, or ``"tiled"``)."""
+        picks the JBU's adaptive convolution (``"taps"``, the reference, ``"tiled"`` or ``"plugin"``,
+        :data:`hiwin_model.jbu.CONV_IMPLS`)."""
         def vit(pixels: Tensor) -> Tensor:
             return self.vision_tower(torch.as_tensor(pixels).to(device=self.device, dtype=self.dtype))
 

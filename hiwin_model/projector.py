@@ -288,9 +288,9 @@ class HiwinProjector(nn.Module):
         return keys.to(f.dtype), values.to(f.dtype)
 
 
-# Largest level map the exported graphs are built for (4x level of a 256-patch side): bounds the
+# Largest level map the exported graphs are built for (4x level of a 288-patch side): bounds the
 # number of RoI samples per bin, a static size under tracing. Eager calls size it exactly.
-EXPORT_MAX_SIDE = 1024
+EXPORT_MAX_SIDE = 1152
 
 
 # Every window's sample grid in the any-grid form: the largest (oh, ow) of any bucket.

@@ -1,6 +1,7 @@
 """``hiwin-run``: answer a question about an image from an export directory, without torch.
 
   hiwin-run --model EXPORT_DIR --image FILE --prompt TEXT [--precision fp16] [--max-new-tokens N]
+            [--engines ENGINE_DIR]      (vision on TensorRT engines, the LLM on ONNX Runtime)
 
 The answer streams to stdout, the timings go to stderr. ``hiwin-export run`` is the same command
 with defaults that need the exporter (the embedded tiny model, a generated page).
@@ -28,6 +29,8 @@ def add_run_args(r: argparse.ArgumentParser, *, model_required: bool = True) -> 
     r.add_argument("--seed", type=int, default=None)
     r.add_argument("--max-slices", type=int, default=None)
     r.add_argument("--template", default=None, choices=["vicuna_v1", "plain"])
+    r.add_argument("--engines", default=None,
+                   help="TensorRT engine set of the export (hiwin-export engines): the vision path runs on it")
 
 
 def run(a, path: str, image) -> int:
@@ -38,6 +41,8 @@ def run(a, path: str, image) -> int:
                     temperature=a.temperature if a.temperature > 0 else 1.0, top_p=a.top_p, seed=a.seed,
                     max_slices=a.max_slices, template=a.template)
     kw = {} if a.backend == "torch" else {"precision": a.precision}
+    if getattr(a, "engines", None):
+        kw["engines"] = a.engines
     pipe = Pipeline.load(path, backend=a.backend, **kw)
     log.info("backend: %s", pipe.backend.name)
 
@@ -60,8 +65,9 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .config import ConfigError
     from .image import ImageError
     from .manifest import ExportError
+    from .trt import TrtUnavailable
 
-    return (ExportError, ConfigError, ImageError, FileNotFoundError, FileExistsError, ValueError)
+    return (ExportError, ConfigError, ImageError, FileNotFoundError, FileExistsError, ValueError, TrtUnavailable)
 
 
 def main(argv: list[str] | None = None) -> int:

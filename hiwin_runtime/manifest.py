@@ -20,6 +20,10 @@ from .buckets import apply_bucket_rule
 from .graph_id import GraphId, serving_graph
 
 MANIFEST_VERSION = 2
+# What the graphs of an export directory are made for (``manifest.json["flavour"]``; a manifest without the
+# key is "onnx"): "onnx", standard ONNX for ONNX Runtime (and TensorRT); "tensorrt", the same graphs with
+# TensorRT plugin nodes (domain "hiwin": HiwinJbuConv, HiwinRoiAlign) that only TensorRT runs.
+FLAVOURS = ("onnx", "tensorrt")
 
 
 class ExportError(ValueError):
@@ -48,8 +52,21 @@ class ExportDir:
         if version != MANIFEST_VERSION:
             raise ExportError(f"{mf}: manifest version {version}, this runtime reads version {MANIFEST_VERSION} "
                               "(re-export the model with this version of hiwin)")
+        if self.flavour not in FLAVOURS:
+            raise ExportError(f"{mf}: unknown flavour {self.flavour!r} (this runtime knows {', '.join(FLAVOURS)}; "
+                              "re-export the model with this version of hiwin)")
         if verify:
             self.verify()
+
+    @property
+    def flavour(self) -> str:
+        """``"onnx"`` or ``"tensorrt"`` (TensorRT plugin nodes; ONNX Runtime refuses it)."""
+        return self.manifest.get("flavour", "onnx")
+
+    def plugins(self, graph: GraphId | str) -> list[str]:
+        """The TensorRT plugin ops a graph holds (``[]`` for standard ONNX)."""
+        self.graph_path(graph)
+        return list(self.graphs[str(graph)].get("plugins", []))
 
     def verify(self) -> None:
         """Every graph and weights file exists and matches its sha256."""

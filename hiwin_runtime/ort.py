@@ -46,14 +46,46 @@ def share_cpu_arena() -> None:
         _ENV_ARENA = True
 
 
+def refuse_non_onnx_flavour(export: ExportDir) -> None:
+    """A clear :class:`ExportError` for an export directory ONNX Runtime cannot run (its graphs hold
+    TensorRT plugin nodes), naming the flavour, the plugin ops and what to do instead."""
+    if export.flavour == "onnx":
+        return
+    ops = sorted({op for name in export.graphs for op in export.plugins(name)})
+    raise ExportError(
+        f"{export.path}: this is a {export.flavour!r}-flavour export: its graphs hold TensorRT plugin nodes "
+        f"({', '.join(ops) or 'none listed'}) that ONNX Runtime cannot run. Build TensorRT engines from it (with the "
+        "plugin library libhiwin_plugins.so, engines/plugins), or export the 'onnx' flavour for ONNX Runtime "
+        "(hiwin-export export --flavour onnx)")
+
+
+def graph_stages(runner: Any, precision: str = "fp32") -> Stages:
+    """Crop-chain stages over the ``vit``, ``jbu`` and projector graphs of ``runner.export``, run by
+    ``runner.run(graph, feeds) -> {output name: array}`` (ONNX Runtime here; the exporter's reference
+    runner uses the same)."""
+    def stage(family: str):
+        names_in, names_out = STAGE_IO[family]
+
+        def run(*args):
+            bucket, data = stage_args(family, args)
+            feeds = {n: np.ascontiguousarray(a) for n, a in zip(names_in, data)}
+            out = runner.run(runner.export.stage_graph(family, bucket, precision), feeds)
+            return out[names_out[0]] if len(names_out) == 1 else tuple(out[n] for n in names_out)
+        return run
+
+    return Stages(stage("vit"), stage("jbu"), stage("hiwin"))
+
+
 class OnnxRunner:
     """One ONNX Runtime session per graph (created on first use, once even under racing threads);
-    inputs are validated against the manifest before every run."""
+    inputs are validated against the manifest before every run. A ``tensorrt``-flavour export
+    (TensorRT plugin nodes) is refused (:func:`refuse_non_onnx_flavour`)."""
 
     def __init__(self, export: ExportDir, providers: list[str] | None = None, threads: int | None = None,
                  shared_arena: bool = True):
         import onnxruntime as ort
 
+        refuse_non_onnx_flavour(export)
         self.export = export
         self.sessions: dict[str, Any] = {}
         self._lock = threading.Lock()
@@ -95,14 +127,4 @@ class OnnxRunner:
     def vision_stages(self, precision: str = "fp32") -> Stages:
         """The exported ``vit``, ``jbu`` and projector graphs (``hiwin``, or ``hiwin_{oh}x{ow}`` per
         bucket) as crop-chain stages."""
-        def stage(family: str):
-            names_in, names_out = STAGE_IO[family]
-
-            def run(*args):
-                bucket, data = stage_args(family, args)
-                feeds = {n: np.ascontiguousarray(a) for n, a in zip(names_in, data)}
-                out = self.run(self.export.stage_graph(family, bucket, precision), feeds)
-                return out[names_out[0]] if len(names_out) == 1 else tuple(out[n] for n in names_out)
-            return run
-
-        return Stages(stage("vit"), stage("jbu"), stage("hiwin"))
+        return graph_stages(self, precision)

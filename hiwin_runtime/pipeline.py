@@ -130,7 +130,8 @@ class OrtBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, export: ExportDir, *, precision: str = "fp32", providers: list[str] | None = None,
-                 threads: int | None = None, max_vision_batch: int = 8, max_upsample_batch: int = 1):
+                 threads: int | None = None, max_vision_batch: int = 8, max_upsample_batch: int = 1,
+                 vision_stages=None):
         from .graph_id import GraphId
         from .ort import OnnxRunner, default_providers
 
@@ -148,7 +149,9 @@ class OrtBackend(Backend):
             export.graph_path(g)  # a clear error for a missing graph, before any request
         self.runner = OnnxRunner(export, providers=providers or default_providers(), threads=threads)
         self.hidden_size = lang["hidden_size"]
-        self.chain = CropChain(self.runner.vision_stages(precision),
+        if vision_stages is not None:  # another engine for the vision graphs (TensorRT: Pipeline.from_export(engines=))
+            self.name = "onnxruntime (vision: tensorrt)"
+        self.chain = CropChain(vision_stages or self.runner.vision_stages(precision),
                                patch_size=export.manifest["shape_ranges"]["patch_size"],
                                policy=BatchPolicy(max_vision_batch, max_upsample_batch),
                                bucket_for=export.bucket_for)
@@ -213,8 +216,13 @@ class Pipeline:
     @classmethod
     def from_export(cls, path: str | os.PathLike, *, precision: str = "fp32", providers: list[str] | None = None,
                     threads: int | None = None, max_concurrency: int = 4, max_vision_batch: int = 8,
-                    max_upsample_batch: int = 1, verify: bool = True) -> "Pipeline":
-        """ONNX Runtime on an export directory (``hiwin-export export``); files are sha256-checked."""
+                    max_upsample_batch: int = 1, verify: bool = True, engines: str | os.PathLike | None = None,
+                    vision: str | None = None) -> "Pipeline":
+        """ONNX Runtime on an export directory (``hiwin-export export``); files are sha256-checked.
+
+        ``engines``: a TensorRT engine set of this export (``hiwin-export engines``) runs the vision
+        graphs instead (``vision="tensorrt"``, implied by ``engines``); the LLM stays on ONNX Runtime.
+        Its vision precision is the one the engines were built from."""
         from .config import HiwinConfig
         from .tokenizer import FileTokenizer
 
@@ -222,8 +230,19 @@ class Pipeline:
         if not path.is_dir():
             raise ExportError(f"{path}: export directory not found")
         export = ExportDir(path, verify=verify)
+        vision = vision or ("tensorrt" if engines is not None else "onnxruntime")
+        if vision not in ("onnxruntime", "tensorrt"):
+            raise ValueError(f"vision must be onnxruntime or tensorrt, got {vision!r}")
+        if vision == "tensorrt" and engines is None:
+            raise ValueError("vision='tensorrt' needs engines= (an engine set from `hiwin-export engines`)")
+        stages = None
+        if vision == "tensorrt":
+            from .trt import TrtRunner
+
+            stages = TrtRunner(engines, export=export).vision_stages()
         backend = OrtBackend(export, precision=precision, providers=providers, threads=threads,
-                             max_vision_batch=max_vision_batch, max_upsample_batch=max_upsample_batch)
+                             max_vision_batch=max_vision_batch, max_upsample_batch=max_upsample_batch,
+                             vision_stages=stages)
         lang = export.manifest["language"]
         tok_file = path / lang["tokenizer"] / "tokenizer.json"
         if not tok_file.is_file():

@@ -224,7 +224,7 @@ def test_tampered_or_missing_files(exported, tmp_path):
     ("vit", {"pixel_values": np.zeros((3, 28, 28), np.float32)}, "must have rank 4"),
     ("vit", {"pixel_values": np.zeros((1, 3, 28, 28), np.float64)}, "must be float32"),
     ("vit", {"pixel_values": np.zeros((1, 3, 14, 28), np.float32)}, "outside the exported range"),
-    ("vit", {"pixel_values": np.zeros((1, 3, 14 * 257, 28), np.float32)}, "outside the exported range"),
+    ("vit", {"pixel_values": np.zeros((1, 3, 14 * 289, 28), np.float32)}, "outside the exported range"),
     ("vit", {"pixels": np.zeros((1, 3, 28, 28), np.float32)}, "inputs are"),
     ("jbu", {"features": np.zeros((1, 32, 2, 3), np.float32), "pixel_values": np.zeros((1, 3, 28, 28), np.float32)},
      "inconsistent sizes"),
