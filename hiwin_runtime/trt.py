@@ -29,7 +29,6 @@ tested with test doubles of both (``tests/runtime/test_trt_backend.py``).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -42,7 +41,7 @@ import numpy as np
 
 from .crop_chain import STAGE_IO, Stages, stage_args
 from .graph_id import serving_graph
-from .manifest import ExportDir, ExportError
+from .manifest import ExportDir, ExportError, sha256
 
 log = logging.getLogger("hiwin_runtime")
 
@@ -226,14 +225,6 @@ def grid_of(inputs: list[dict], feeds: dict[str, np.ndarray]) -> tuple[int, int]
 
 
 # ------------------------------------------------------------------------------------ engine set
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def read_engine_set(path: str | os.PathLike, *, verify: bool = True) -> dict:
     """``engines.json`` of an engine set; with ``verify`` every engine (and a bundled plugin
     library) must exist and match its sha256."""
