@@ -39,6 +39,8 @@ log = logging.getLogger("hiwin_export")
 
 FP32_MAX_REL = 1e-4
 FP16_MIN_COSINE = 0.999
+INT8_MIN_COSINE = 0.99  # int8 (QDQ) graphs: per graph and for the visual tokens
+MIN_COSINE = {"fp16": FP16_MIN_COSINE, "int8": INT8_MIN_COSINE}
 # (h, w) patch grids: every projector bucket, the 2-patch minimum, long thin crops.
 RANDOM_GRIDS = ((24, 24), (19, 29), (29, 19), (16, 32), (32, 16), (18, 24), (24, 18), (2, 2), (2, 9), (40, 7))
 # Full images: aspect ratios 1:4 ... 4:1 and extremes, slice counts 1..9 (max_slices 9).
@@ -79,13 +81,14 @@ def error_stats(ref: np.ndarray, out: np.ndarray) -> tuple[float, float, float]:
 
 class Harness:
     """fp32 graphs must stay within max rel <= 1e-4 of the reference; fp16 graphs (``<name>.fp16``)
-    within cosine >= 0.999 (their max rel is reported too). ``executor``: ``"onnxruntime"`` or
+    within cosine >= 0.999, int8 graphs (``<name>.int8``) within cosine >= 0.99 (their max rel is
+    reported too). ``executor``: ``"onnxruntime"`` or
     ``"reference"`` (default: the one the export's flavour allows, ``"reference"`` for ``tensorrt``)."""
 
     def __init__(self, model, export_dir: str | os.PathLike, *, precision: str = "fp32", seed: int = 0,
                  executor: str | None = None):
-        if precision not in ("fp32", "fp16"):
-            raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
+        if precision not in ("fp32", "fp16", "int8"):
+            raise ValueError(f"precision must be fp32, fp16 or int8, got {precision!r}")
         self.model = model.eval()
         self.export = ExportDir(export_dir)
         executor = executor or ("reference" if self.export.flavour == "tensorrt" else "onnxruntime")
@@ -95,12 +98,12 @@ class Harness:
         self.runner = OnnxRunner(self.export) if executor == "onnxruntime" else ReferenceRunner(self.export)
         self.executor = executor
         self.precision, self.seed = precision, seed
-        self.suffix = "" if precision == "fp32" else ".fp16"
-        self.criterion = f"max_rel<={FP32_MAX_REL:g}" if precision == "fp32" else f"cosine>={FP16_MIN_COSINE:g}"
+        self.suffix = "" if precision == "fp32" else f".{precision}"
+        self.criterion = f"max_rel<={FP32_MAX_REL:g}" if precision == "fp32" else f"cosine>={MIN_COSINE[precision]:g}"
         self.records: list[Record] = []
 
     def _ok(self, max_rel: float, cosine: float, finite: bool) -> bool:
-        good = max_rel <= FP32_MAX_REL if self.precision == "fp32" else cosine >= FP16_MIN_COSINE
+        good = max_rel <= FP32_MAX_REL if self.precision == "fp32" else cosine >= MIN_COSINE[self.precision]
         return bool(good and finite)
 
     def _graph(self, graph: GraphId | str) -> GraphId:

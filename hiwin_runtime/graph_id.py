@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 VISION_FAMILIES = ("vit", "jbu", "hiwin")
 LANGUAGE_FAMILIES = ("embed", "llm")
 FAMILIES = VISION_FAMILIES + LANGUAGE_FAMILIES
-PRECISIONS = ("fp32", "fp16")
+PRECISIONS = ("fp32", "fp16", "int8")  # int8: ONNX Runtime QDQ vision graphs (hiwin_export.quantize)
 _NAME = re.compile(r"^(?P<family>[a-z]+)(?:_(?P<oh>\d+)x(?P<ow>\d+))?(?:\.(?P<precision>[a-z0-9]+))?$")
 
 

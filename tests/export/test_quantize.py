@@ -1,0 +1,89 @@
+"""int8 (ONNX Runtime QDQ) vision graphs: calibrated through the crop chain on some pages, checked
+on others (held out) against the PyTorch reference, listed in the manifest with their provenance."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import pytest
+
+from hiwin_export.parity import Harness, ParityError
+from hiwin_export.quantize import OP_TYPES, quantize_int8
+from hiwin_model.synthetic import parity_pages
+from hiwin_runtime.graph_id import GraphId
+from hiwin_runtime.manifest import ExportDir, ExportError
+from hiwin_runtime.ort import OnnxRunner
+
+CALIBRATION = ((1008, 672), (800, 800), (672, 1008))
+HELD_OUT = ((1344, 336), (500, 300), (336, 1344), (1024, 768))
+
+
+@pytest.fixture(scope="module")
+def quantized(exported, tmp_path_factory):
+    out = tmp_path_factory.mktemp("int8") / "export"
+    shutil.copytree(exported, out)
+    entries = quantize_int8(out, parity_pages(CALIBRATION))
+    return out, entries
+
+
+def test_int8_graphs_are_listed_with_provenance(quantized):
+    out, entries = quantized
+    assert sorted(entries) == ["hiwin.int8", "jbu.int8", "vit.int8"]
+    export = ExportDir(out)  # every file, old and new, matches its sha256
+    mf = json.loads((out / "manifest.json").read_text())
+    for name in entries:
+        gid = GraphId.parse(name)
+        e = mf["graphs"][name]
+        assert e["precision"] == "int8" and e["file"] == gid.file and gid.weights_file in mf["weights"]
+        p = e["provenance"]
+        assert p["calibration_samples"] > 0 and len(p["calibration_sha256"]) == 64 and p["op_types"] == list(OP_TYPES)
+        m = onnx.load(str(export.graph_path(gid)), load_external_data=False)
+        ops = {n.op_type for n in m.graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops, name
+    assert "vit" in mf["graphs"] and "vit.fp16" in mf["graphs"]  # the other graphs stay
+
+
+def test_int8_parity_on_held_out_pages(tiny_model, quantized):
+    out, _ = quantized
+    h = Harness(tiny_model, out, precision="int8")
+    h.image_cases(parity_pages(HELD_OUT))
+    s = h.summary()
+    assert set(s) == {"vit", "jbu", "hiwin", "vision-path"}
+    h.assert_ok()  # cosine >= 0.99 per graph and for the visual tokens
+    assert s["vision-path"]["min_cosine"] >= 0.99
+    # the check can fail: int8 is far from the fp32 bound
+    strict = Harness(tiny_model, out, precision="int8")
+    strict._ok = lambda max_rel, cosine, finite: max_rel <= 1e-4
+    strict.image_cases(parity_pages(HELD_OUT[:1]))
+    with pytest.raises(ParityError):
+        strict.assert_ok()
+
+
+def test_int8_stages_run_through_the_runtime(quantized):
+    out, _ = quantized
+    stages = OnnxRunner(ExportDir(out)).vision_stages("int8")
+    f = stages.vit(np.zeros((1, 3, 28, 42), np.float32))
+    assert f.shape[-2:] == (2, 3) and np.isfinite(f).all()
+
+
+def test_refusals(tmp_path, exported):
+    with pytest.raises(ValueError, match="at least one image"):
+        quantize_int8(exported, [])
+    with pytest.raises(ValueError, match="unknown graph family"):
+        quantize_int8(exported, parity_pages(CALIBRATION[:1]), families=("vit", "hiwin_3x3"))
+    out = tmp_path / "e"
+    shutil.copytree(exported, out)
+    mf = json.loads((out / "manifest.json").read_text())
+    del mf["graphs"]["jbu"]  # an export without the fp32 JBU graph
+    (out / "manifest.json").write_text(json.dumps(mf))
+    before = (out / "manifest.json").read_bytes()
+    with pytest.raises(ExportError, match="no fp32 graph for \\['jbu'\\]"):
+        quantize_int8(out, parity_pages(CALIBRATION[:1]))
+    mf["flavour"] = "tensorrt"
+    (out / "manifest.json").write_text(json.dumps(mf))
+    with pytest.raises(ExportError, match="int8 graphs are for ONNX Runtime"):
+        quantize_int8(out, parity_pages(CALIBRATION[:1]))
+    assert not list(out.glob("*.int8.*")) and "jbu.int8" not in json.loads(before)["graphs"]
