@@ -7,6 +7,9 @@
   hiwin-export engines --export EXPORT_DIR --out ENGINE_DIR --target a100|h100|orin [--precision fp16]
                [--plugin-lib libhiwin_plugins.so] [--emit-trtexec [SCRIPT]]     TensorRT engine set (docs/tensorrt.md)
   hiwin-export verify-engines --export EXPORT_DIR --engines ENGINE_DIR [--mode runner|polygraphy]
+  hiwin-export llama-dir --model DIR --out LLAMA_DIR      the LLM as a plain HF Llama directory
+  hiwin-export genai --model DIR|--llama LLAMA_DIR --out GENAI_DIR [--precision fp32|fp16|int4]
+               [--export EXPORT_DIR]      ONNX Runtime GenAI model of the LLM (docs/genai.md)
 
 Without ``--model`` the embedded tiny model is used (no network; ``run`` exports it to a temporary
 directory first). ``parity`` exits 1 when a bound is exceeded and writes ``parity.json`` +
@@ -73,12 +76,13 @@ def cmd_parity(a) -> int:
     from .parity import IMAGE_SIZES, RANDOM_GRIDS, Harness, ParityError
 
     h = Harness(_model(a.model), a.export, precision=a.precision)
-    grids = RANDOM_GRIDS[:4] if a.quick else RANDOM_GRIDS
-    h.random_cases(grids)
-    language = [g for g in ("embed", "llm") if g in h.export.graphs]
-    if language:
-        h.language_cases(language)
-    if not a.quick or a.images:
+    if a.precision != "int8":  # int8 ranges come from real pages: random inputs are out of calibration
+        grids = RANDOM_GRIDS[:4] if a.quick else RANDOM_GRIDS
+        h.random_cases(grids)
+        language = [g for g in ("embed", "llm") if g in h.export.graphs]
+        if language:
+            h.language_cases(language)
+    if not a.quick or a.images or a.precision == "int8":
         from hiwin_model.synthetic import parity_pages
 
         h.image_cases(a.images or parity_pages(IMAGE_SIZES[:3] if a.quick else IMAGE_SIZES))
@@ -90,6 +94,24 @@ def cmd_parity(a) -> int:
     except ParityError as e:
         print(f"hiwin-export: parity FAILED: {e}", file=sys.stderr)
         return 1
+    return 0
+
+
+# Default calibration pages: aspect ratios 1:3 ... 3:1, none of them a parity page size (parity's
+# image cases are the held-out set).
+CALIBRATION_SIZES = ((1000, 660), (800, 600), (660, 1000), (600, 800), (1200, 400), (400, 1200), (700, 700))
+
+
+def cmd_quantize(a) -> int:
+    from hiwin_model.synthetic import parity_pages
+
+    from .quantize import quantize_int8
+
+    images = a.images or parity_pages(CALIBRATION_SIZES)
+    entries = quantize_int8(a.export, images, families=tuple(a.families.split(",")), max_slices=a.max_slices)
+    for name, e in sorted(entries.items()):
+        print(f"{a.export}/{e['file']}: {e['provenance']['calibration_samples']} calibration samples, "
+              f"sha256 {e['provenance']['calibration_sha256'][:12]}")
     return 0
 
 
@@ -149,6 +171,43 @@ def cmd_verify_engines(a) -> int:
     return 1 if counts["failed"] else 0
 
 
+def cmd_llama_dir(a) -> int:
+    from .llama_dir import write_llama_dir
+
+    out = write_llama_dir(_model(a.model), a.out, overwrite=a.overwrite)
+    print(f"{out}: Llama directory ({', '.join(sorted(p.name for p in out.iterdir()))})")
+    return 0
+
+
+def cmd_genai(a) -> int:
+    from .genai import GenAIBuildError, build_genai
+
+    if a.model and a.llama:
+        print("hiwin-export: genai: give --model or --llama, not both", file=sys.stderr)
+        return 2
+    language = None
+    if a.export:
+        from hiwin_runtime.manifest import ExportDir
+
+        language = ExportDir(a.export, verify=False).manifest.get("language")
+        if language is None:
+            print(f"hiwin-export: genai: {a.export} has no language model", file=sys.stderr)
+            return 2
+    try:
+        facts = build_genai(a.out, model=None if a.llama else _model(a.model), llama_dir=a.llama,
+                            precision=a.precision, overwrite=a.overwrite)
+    except GenAIBuildError as e:
+        print(f"hiwin-export: genai: {e}", file=sys.stderr)
+        return 2
+    if language is not None:
+        from hiwin_runtime.genai import GenAIDir
+
+        GenAIDir(a.out).check_matches(language, a.export)
+    print(f"{a.out}: ONNX Runtime GenAI model ({facts['precision']}, onnxruntime-genai {facts['genai_version']}; "
+          f"{len(facts['files'])} files)")
+    return 0
+
+
 def _add_engine_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--export", required=True, help="export directory (hiwin-export export)")
     g.add_argument("--out", required=True, help="engine set directory to write")
@@ -197,8 +256,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-dir")
     p.add_argument("--images", nargs="*", help="image files for the real-image cases")
     p.add_argument("--quick", action="store_true", help="fewer shapes (smoke test)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16"])
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+                   help="int8: the vision graphs on real pages only (generated pages the default calibration never sees)")
     p.set_defaults(func=cmd_parity)
+    q = sub.add_parser("quantize", help="add int8 (ONNX Runtime QDQ) vision graphs, calibrated through the crop chain")
+    q.add_argument("--export", required=True, help="export directory with the fp32 vit, jbu and hiwin graphs")
+    q.add_argument("--images", nargs="*", help="calibration images (default: generated pages at %d aspect ratios)"
+                   % len(CALIBRATION_SIZES))
+    q.add_argument("--families", default="vit,jbu,hiwin", help="graphs to quantize (default: vit,jbu,hiwin)")
+    q.add_argument("--max-slices", type=int, default=9)
+    q.set_defaults(func=cmd_quantize)
     r = sub.add_parser("run", help="answer a question about an image from an export directory (streamed)")
     from hiwin_runtime.cli import add_run_args
 
@@ -220,6 +287,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--plugin-lib", help="plugin library, when not the copy inside the engine set")
     v.add_argument("--json", help="write the results as JSON")
     v.set_defaults(func=cmd_verify_engines)
+    ld = sub.add_parser("llama-dir", help="the LLM as a plain Hugging Face Llama directory")
+    ld.add_argument("--model", help="HF model directory (default: embedded tiny model)")
+    ld.add_argument("--out", required=True)
+    ld.add_argument("--overwrite", action="store_true")
+    ld.set_defaults(func=cmd_llama_dir)
+    ga = sub.add_parser("genai", help="the LLM as an ONNX Runtime GenAI model directory (docs/genai.md)")
+    ga.add_argument("--model", help="HF model directory (default: embedded tiny model)")
+    ga.add_argument("--llama", help="a Llama directory from `hiwin-export llama-dir` instead of --model")
+    ga.add_argument("--export", help="export directory the GenAI model will serve with (checked to match)")
+    ga.add_argument("--out", required=True)
+    ga.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int4"])
+    ga.add_argument("--overwrite", action="store_true")
+    ga.set_defaults(func=cmd_genai)
     return ap
 
 

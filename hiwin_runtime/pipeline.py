@@ -217,12 +217,16 @@ class Pipeline:
     def from_export(cls, path: str | os.PathLike, *, precision: str = "fp32", providers: list[str] | None = None,
                     threads: int | None = None, max_concurrency: int = 4, max_vision_batch: int = 8,
                     max_upsample_batch: int = 1, verify: bool = True, engines: str | os.PathLike | None = None,
-                    vision: str | None = None) -> "Pipeline":
+                    vision: str | None = None, language: str = "onnxruntime",
+                    genai: str | os.PathLike | None = None) -> "Pipeline":
         """ONNX Runtime on an export directory (``hiwin-export export``); files are sha256-checked.
 
         ``engines``: a TensorRT engine set of this export (``hiwin-export engines``) runs the vision
         graphs instead (``vision="tensorrt"``, implied by ``engines``); the LLM stays on ONNX Runtime.
-        Its vision precision is the one the engines were built from."""
+        Its vision precision is the one the engines were built from.
+
+        ``language="genai"``: the LLM runs on ONNX Runtime GenAI from ``genai``, a directory built by
+        ``hiwin-export genai`` (docs/genai.md; :class:`~hiwin_runtime.genai.GenAIBackend`)."""
         from .config import HiwinConfig
         from .tokenizer import FileTokenizer
 
@@ -235,6 +239,10 @@ class Pipeline:
             raise ValueError(f"vision must be onnxruntime or tensorrt, got {vision!r}")
         if vision == "tensorrt" and engines is None:
             raise ValueError("vision='tensorrt' needs engines= (an engine set from `hiwin-export engines`)")
+        if language not in ("onnxruntime", "genai"):
+            raise ValueError(f"language must be onnxruntime or genai, got {language!r}")
+        if language == "genai" and genai is None:
+            raise ValueError("language='genai' needs genai= (a directory from `hiwin-export genai`)")
         stages = None
         if vision == "tensorrt":
             from .trt import TrtRunner
@@ -244,6 +252,10 @@ class Pipeline:
                              max_vision_batch=max_vision_batch, max_upsample_batch=max_upsample_batch,
                              vision_stages=stages)
         lang = export.manifest["language"]
+        if language == "genai":
+            from .genai import GenAIBackend
+
+            backend = GenAIBackend(genai, backend, language=lang, verify=verify)
         tok_file = path / lang["tokenizer"] / "tokenizer.json"
         if not tok_file.is_file():
             raise ExportError(f"{path}: tokenizer missing ({tok_file.relative_to(path)})")

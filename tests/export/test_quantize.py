@@ -87,3 +87,14 @@ def test_refusals(tmp_path, exported):
     with pytest.raises(ExportError, match="int8 graphs are for ONNX Runtime"):
         quantize_int8(out, parity_pages(CALIBRATION[:1]))
     assert not list(out.glob("*.int8.*")) and "jbu.int8" not in json.loads(before)["graphs"]
+
+
+def test_cli_quantize_and_int8_parity(exported, tmp_path, capsys):
+    from hiwin_export.cli import main
+
+    out = tmp_path / "e"
+    shutil.copytree(exported, out)
+    assert main(["quantize", "--export", str(out), "--families", "vit"]) == 0
+    assert "vit.int8.onnx" in capsys.readouterr().out
+    assert main(["parity", "--export", str(out), "--precision", "int8", "--quick"]) == 2  # jbu/hiwin int8 missing
+    assert "no graph 'jbu.int8'" in capsys.readouterr().err
