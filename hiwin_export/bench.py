@@ -236,6 +236,9 @@ def e2e_worker(backend: str, path: str, kind: str, llm_layers: int, sizes: list[
 
     if backend == "torch":
         pipe = Pipeline.from_model(e2e_model(kind, llm_layers))
+    elif backend.startswith("genai"):  # the language half on ONNX Runtime GenAI (genai-fp32, genai-int4)
+        pipe = Pipeline.from_export(path, threads=torch.get_num_threads(), language="genai",
+                                    genai=str(Path(path).parent / backend))
     else:
         pipe = Pipeline.from_export(path, threads=torch.get_num_threads())
     out: dict = {"backend": backend, "images": {}}
@@ -272,11 +275,11 @@ def run_e2e(a) -> Report:
             path = str(Path(tmp) / "export")
             # in a child process: the exporter's graph copies of the weights never return to the OS
             r = subprocess.run([sys.executable, "-m", "hiwin_export.bench", "--e2e-export", path, "--e2e", kind,
-                                "--llm-layers", str(a.llm_layers)], stderr=subprocess.PIPE, text=True)
+                                "--llm-layers", str(a.llm_layers), "--genai", *a.genai], stderr=subprocess.PIPE, text=True)
             if r.returncode:
                 raise RuntimeError(f"export failed:\n{r.stderr[-4000:]}")
             res = {}
-            for b in ("torch", "ort"):
+            for b in ("torch", "ort", *(f"genai-{p}" for p in a.genai)):
                 cmd = [sys.executable, "-m", "hiwin_export.bench", "--e2e-worker", b, "--export", path,
                        "--e2e", kind, "--llm-layers", str(a.llm_layers), "--new-tokens", str(a.new_tokens),
                        "--repeats", str(a.repeats), "--sizes", *a.sizes]
@@ -292,14 +295,26 @@ def run_e2e(a) -> Report:
 def format_e2e(kind: str, res: dict, rep: Report | None = None) -> Report:
     rep = rep or Report(f"end to end ({kind})", E2E_COLUMNS)
     for img, t in res["torch"]["images"].items():
-        for b, name in (("torch", "PyTorch"), ("ort", "ONNX Runtime")):
+        names = {"torch": "PyTorch", "ort": "ONNX Runtime", **{b: f"ORT + GenAI {b[6:]} (language)" for b in res
+                                                                 if b.startswith("genai-")}}
+        for b, name in names.items():
+            if b not in res:
+                continue
             r = res[b]["images"][img]
-            same = "-" if b == "torch" else ("yes" if r["token_ids"] == t["token_ids"] else "NO")
+            same = "-" if b == "torch" else _agreement(r["token_ids"], t["token_ids"])
             rep.add(config=kind, image=img, prompt=f"{r['prompt_tokens']} ({r['visual_tokens']})", backend=name,
                     vision_s=r["vision_s"], prefill_s=r["prefill_s"], ttft_s=r["ttft_s"],
                     decode_tok_s=round(r["decode_tok_s"], 1), peak_rss_mib=round(res[b]["peak_rss_mib"]),
                     same_tokens=same)
     return rep
+
+
+def _agreement(tokens: list[int], ref: list[int]) -> str:
+    """``yes`` when the greedy tokens equal the reference's, else how many lead before the first difference."""
+    if tokens == ref:
+        return "yes"
+    n = next((i for i, (a, b) in enumerate(zip(tokens, ref)) if a != b), min(len(tokens), len(ref)))
+    return f"NO (first {n} of {len(ref)})"
 
 
 def add_args(p: argparse.ArgumentParser) -> None:
@@ -313,20 +328,27 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm-layers", type=int, default=2, help="Llama layers of the real-width configuration")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per end-to-end run")
     p.add_argument("--json", help="also write the report's rows as JSON to this file")
+    p.add_argument("--genai", nargs="*", default=[], choices=["fp32", "fp16", "int4"],
+                   help="with --e2e: also rows with the language half on ONNX Runtime GenAI at these precisions")
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="hiwin-export bench", description=__doc__)
     add_args(ap)
     ap.add_argument("--worker", choices=list(BACKENDS), help=argparse.SUPPRESS)
-    ap.add_argument("--e2e-worker", choices=["torch", "ort"], help=argparse.SUPPRESS)
+    ap.add_argument("--e2e-worker", choices=["torch", "ort", "genai-fp32", "genai-fp16", "genai-int4"],
+                    help=argparse.SUPPRESS)
     ap.add_argument("--e2e-export", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.e2e_export:
         from .export import export_model
 
-        export_model(e2e_model(a.e2e[0], a.llm_layers), a.e2e_export, bundles=False, parity=None,
-                     precisions=("fp32",))
+        model = e2e_model(a.e2e[0], a.llm_layers)
+        export_model(model, a.e2e_export, bundles=False, parity=None, precisions=("fp32",))
+        for p in a.genai:  # next to the export: <dir>/../genai-<precision>
+            from .genai import build_genai
+
+            build_genai(Path(a.e2e_export).parent / f"genai-{p}", model=model, precision=p)
         return 0
     if a.e2e_worker:
         sizes = [tuple(int(x) for x in s.split("x")) for s in a.sizes]

@@ -257,3 +257,19 @@ def test_genai_backend_needs_no_torch(light_export, genai_fp32, genai_pipe, tmp_
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert json.loads(r.stdout.strip().splitlines()[-1]) == want
+
+
+def test_e2e_benchmark_rows_for_genai(light_export, genai_fp32):
+    """`hiwin-export bench --e2e ... --genai fp32` workers: the GenAI language half gives the ORT loop's
+    tokens; the agreement column says where tokens first differ."""
+    import shutil
+
+    from hiwin_export.bench import _agreement, e2e_worker
+
+    shutil.copytree(genai_fp32, light_export.parent / "genai-fp32", dirs_exist_ok=True)  # where the bench puts it
+    ort = e2e_worker("ort", str(light_export), "tiny", 2, [(500, 300)], 6, 1)
+    gen = e2e_worker("genai-fp32", str(light_export), "tiny", 2, [(500, 300)], 6, 1)
+    a, b = ort["images"]["500x300"], gen["images"]["500x300"]
+    assert b["token_ids"] == a["token_ids"] and len(b["token_ids"]) == 6 and b["ttft_s"] > 0
+    assert _agreement(b["token_ids"], a["token_ids"]) == "yes"
+    assert _agreement([1, 2, 9], [1, 2, 3]) == "NO (first 2 of 3)"
