@@ -1,0 +1,75 @@
+// Internal C++ core of the hiwin runtime (not installed). All of it is exception-based; api.cpp
+// turns exceptions into hiwin_status objects at the C boundary.
+#pragma once
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "hiwin/hiwin.h"
+
+namespace hiwin {
+
+struct Error : std::runtime_error {
+  hiwin_code code;
+  Error(hiwin_code c, const std::string& msg) : std::runtime_error(msg), code(c) {}
+};
+
+// Packed RGB8 image (what Pillow's "RGB" mode holds, without its 4th byte).
+struct Rgb8 {
+  int width = 0, height = 0;
+  std::vector<uint8_t> data;  // height*width*3
+  std::string source_mode = "RGB";
+};
+
+// --- decoding (decode.cpp) -----------------------------------------------------------------
+struct DecodeOptions {
+  int64_t max_pixels = 89478485;  // Pillow's Image.MAX_IMAGE_PIXELS; 0 = off
+  bool alpha_composite = true;
+  uint8_t background[3] = {255, 255, 255};
+};
+Rgb8 decode_image(const uint8_t* data, size_t size, const std::string& name, const DecodeOptions& opt);
+Rgb8 decode_file(const std::string& path, const DecodeOptions& opt);
+
+// --- geometry (plan.cpp) -------------------------------------------------------------------
+struct Plan {
+  int image_w = 0, image_h = 0;
+  int overview_w = 0, overview_h = 0;
+  int cols = 0, rows = 0;  // 0,0: no grid
+  int refined_w = 0, refined_h = 0;
+  int slice_w = 0, slice_h = 0;
+  int num_crops() const { return cols * rows + 1; }
+};
+Plan plan_slices(int w, int h, int max_slices, int s, int p);
+std::pair<int, int> pre_resize_size(int w, int h, int long_side);  // {0,0}: no resize
+
+// --- bucket rule ---------------------------------------------------------------------------
+struct BucketRule {
+  std::vector<std::pair<int, int>> candidates_wh = {{4, 2}, {3, 2}, {4, 3}, {3, 3}, {2, 4}, {2, 3}, {3, 4}};
+  std::pair<int, int> bucket(int width, int height) const;  // -> (oh, ow)
+};
+
+// --- resampling (resample.cpp) -------------------------------------------------------------
+// Pillow Image.resize(size, BICUBIC) of an RGB image, bit for bit.
+Rgb8 resize_bicubic(const Rgb8& in, int out_w, int out_h);
+Rgb8 crop(const Rgb8& in, int left, int top, int w, int h);
+
+// --- layout --------------------------------------------------------------------------------
+size_t num_image_tokens(int cols, int rows, int queries);
+std::vector<int64_t> layout_indices(int cols, int rows, int num_crops, int queries);
+
+// --- minimal JSON (json.cpp) ---------------------------------------------------------------
+struct Json {
+  enum Type { Null, Bool, Number, String, Array, Object } type = Null;
+  bool b = false;
+  double num = 0;
+  std::string str;
+  std::vector<Json> arr;
+  std::vector<std::pair<std::string, Json>> obj;
+  const Json* get(const std::string& key) const;
+};
+Json parse_json(const std::string& text);  // throws Error(HIWIN_BAD_MANIFEST)
+
+}  // namespace hiwin

@@ -1,0 +1,157 @@
+// Pillow's BICUBIC resize (libImaging/Resample.c semantics) re-implemented for packed RGB8:
+// separable, horizontal pass first; per output pixel a window of support 2 * max(scale, 1)
+// (the filter is stretched when down-sampling, i.e. antialiased), float64 weights normalised to
+// sum 1, then rounded to 22-bit fixed point; 8-bit accumulation with a rounding bias, the sum
+// shifted back and clamped to 0..255. Same arithmetic in the same order gives the same bytes.
+#include <cmath>
+#include <cstring>
+
+#include "internal.h"
+
+namespace hiwin {
+namespace {
+
+constexpr int kPrecisionBits = 32 - 8 - 2;
+
+double bicubic(double x) {
+  const double a = -0.5;
+  if (x < 0.0) x = -x;
+  if (x < 1.0) return ((a + 2.0) * x - (a + 3.0)) * x * x + 1;
+  if (x < 2.0) return (((x - 5) * x + 8) * x - 4) * a;
+  return 0.0;
+}
+
+struct Coeffs {
+  int ksize = 0;
+  std::vector<int> bounds;   // (xmin, count) per output
+  std::vector<int32_t> k;    // fixed point, out_size * ksize
+};
+
+Coeffs precompute(int in_size, double in0, double in1, int out_size) {
+  const double support_base = 2.0;
+  double scale = (in1 - in0) / out_size;
+  double filterscale = scale < 1.0 ? 1.0 : scale;
+  double support = support_base * filterscale;
+  Coeffs c;
+  c.ksize = static_cast<int>(std::ceil(support)) * 2 + 1;
+  std::vector<double> kk(static_cast<size_t>(out_size) * c.ksize, 0.0);
+  c.bounds.resize(static_cast<size_t>(out_size) * 2);
+  for (int xx = 0; xx < out_size; ++xx) {
+    double center = in0 + (xx + 0.5) * scale;
+    double ww = 0.0;
+    double ss = 1.0 / filterscale;
+    int xmin = static_cast<int>(center - support + 0.5);
+    if (xmin < 0) xmin = 0;
+    int xmax = static_cast<int>(center + support + 0.5);
+    if (xmax > in_size) xmax = in_size;
+    xmax -= xmin;
+    double* k = &kk[static_cast<size_t>(xx) * c.ksize];
+    for (int x = 0; x < xmax; ++x) {
+      double w = bicubic((x + xmin - center + 0.5) * ss);
+      k[x] = w;
+      ww += w;
+    }
+    for (int x = 0; x < xmax; ++x)
+      if (ww != 0.0) k[x] /= ww;
+    c.bounds[xx * 2] = xmin;
+    c.bounds[xx * 2 + 1] = xmax;
+  }
+  c.k.resize(kk.size());
+  for (size_t i = 0; i < kk.size(); ++i) {
+    double v = kk[i];
+    c.k[i] = v < 0 ? static_cast<int32_t>(-0.5 + v * (1 << kPrecisionBits))
+                   : static_cast<int32_t>(0.5 + v * (1 << kPrecisionBits));
+  }
+  return c;
+}
+
+inline uint8_t clip8(int32_t v) {
+  v >>= kPrecisionBits;  // arithmetic shift, as Pillow's table lookup on in >> PRECISION_BITS
+  return static_cast<uint8_t>(v < 0 ? 0 : (v > 255 ? 255 : v));
+}
+
+// rows [row0, row0 + nrows) of `in` resampled horizontally into out (out_w x nrows)
+void horizontal(const Rgb8& in, int row0, int nrows, int out_w, const Coeffs& c, Rgb8& out) {
+  out.width = out_w;
+  out.height = nrows;
+  out.data.assign(static_cast<size_t>(out_w) * nrows * 3, 0);
+  const size_t in_stride = static_cast<size_t>(in.width) * 3, out_stride = static_cast<size_t>(out_w) * 3;
+  for (int y = 0; y < nrows; ++y) {
+    const uint8_t* src = in.data.data() + static_cast<size_t>(row0 + y) * in_stride;
+    uint8_t* dst = out.data.data() + static_cast<size_t>(y) * out_stride;
+    for (int xx = 0; xx < out_w; ++xx) {
+      const int xmin = c.bounds[xx * 2], xmax = c.bounds[xx * 2 + 1];
+      const int32_t* k = &c.k[static_cast<size_t>(xx) * c.ksize];
+      int32_t s0 = 1 << (kPrecisionBits - 1), s1 = s0, s2 = s0;
+      const uint8_t* p = src + static_cast<size_t>(xmin) * 3;
+      for (int x = 0; x < xmax; ++x, p += 3) {
+        s0 += p[0] * k[x];
+        s1 += p[1] * k[x];
+        s2 += p[2] * k[x];
+      }
+      dst[xx * 3] = clip8(s0);
+      dst[xx * 3 + 1] = clip8(s1);
+      dst[xx * 3 + 2] = clip8(s2);
+    }
+  }
+}
+
+// vertical pass; bounds relative to row `offset` of `in`
+void vertical(const Rgb8& in, int offset, int out_h, const Coeffs& c, Rgb8& out) {
+  out.width = in.width;
+  out.height = out_h;
+  const size_t stride = static_cast<size_t>(in.width) * 3;
+  out.data.assign(stride * out_h, 0);
+  std::vector<int32_t> acc(stride);
+  for (int yy = 0; yy < out_h; ++yy) {
+    const int ymin = c.bounds[yy * 2] - offset, ymax = c.bounds[yy * 2 + 1];
+    const int32_t* k = &c.k[static_cast<size_t>(yy) * c.ksize];
+    std::fill(acc.begin(), acc.end(), 1 << (kPrecisionBits - 1));
+    for (int y = 0; y < ymax; ++y) {
+      const uint8_t* src = in.data.data() + static_cast<size_t>(ymin + y) * stride;
+      const int32_t w = k[y];
+      for (size_t i = 0; i < stride; ++i) acc[i] += src[i] * w;  // integer sums: order-independent
+    }
+    uint8_t* dst = out.data.data() + static_cast<size_t>(yy) * stride;
+    for (size_t i = 0; i < stride; ++i) dst[i] = clip8(acc[i]);
+  }
+}
+
+}  // namespace
+
+Rgb8 resize_bicubic(const Rgb8& in, int out_w, int out_h) {
+  if (out_w < 1 || out_h < 1) throw Error(HIWIN_INVALID_ARGUMENT, "resize to an empty size");
+  if (in.width == out_w && in.height == out_h) return in;  // Image.resize returns a copy
+  const bool need_h = out_w != in.width, need_v = out_h != in.height;
+  Coeffs ch = precompute(in.width, 0.0, in.width, out_w);
+  Coeffs cv = precompute(in.height, 0.0, in.height, out_h);
+  const int ybox_first = cv.bounds[0];
+  const int ybox_last = cv.bounds[out_h * 2 - 2] + cv.bounds[out_h * 2 - 1];
+  Rgb8 tmp, out;
+  if (need_h) {
+    if (need_v) {
+      horizontal(in, ybox_first, ybox_last - ybox_first, out_w, ch, tmp);
+      vertical(tmp, ybox_first, out_h, cv, out);
+    } else {
+      horizontal(in, 0, in.height, out_w, ch, out);
+    }
+  } else {
+    vertical(in, 0, out_h, cv, out);
+  }
+  return out;
+}
+
+Rgb8 crop(const Rgb8& in, int left, int top, int w, int h) {
+  if (left < 0 || top < 0 || left + w > in.width || top + h > in.height)
+    throw Error(HIWIN_INTERNAL, "crop box outside the image");
+  Rgb8 out;
+  out.width = w;
+  out.height = h;
+  out.data.resize(static_cast<size_t>(w) * h * 3);
+  for (int y = 0; y < h; ++y)
+    std::memcpy(out.data.data() + static_cast<size_t>(y) * w * 3,
+                in.data.data() + (static_cast<size_t>(top + y) * in.width + left) * 3, static_cast<size_t>(w) * 3);
+  return out;
+}
+
+}  // namespace hiwin
