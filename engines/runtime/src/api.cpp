@@ -82,6 +82,8 @@ void validate(const hiwin_options& o) {
   int g = static_cast<int>(std::lround(std::sqrt(static_cast<double>(o.queries))));
   if (g * g != o.queries) throw Error(HIWIN_INVALID_ARGUMENT, "queries must be a square number");
   if (o.max_pixels < 0) throw Error(HIWIN_INVALID_ARGUMENT, "max_pixels must be >= 0");
+  if (o.resize_pass_order != HIWIN_RESIZE_PILLOW13 && o.resize_pass_order != HIWIN_RESIZE_PILLOW12)
+    throw Error(HIWIN_INVALID_ARGUMENT, "resize_pass_order must be HIWIN_RESIZE_PILLOW13 or HIWIN_RESIZE_PILLOW12");
   if (o.pre_resize < 0) throw Error(HIWIN_INVALID_ARGUMENT, "pre_resize must be >= 0");
   for (int c = 0; c < 3; ++c)
     if (!(o.std[c] != 0.0f) || !std::isfinite(o.std[c]) || !std::isfinite(o.mean[c]))
@@ -228,6 +230,7 @@ void hiwin_options_default(hiwin_options* o) {
   o->pre_resize = 0;
   o->queries = 144;
   o->vocab_size = 32000;
+  o->resize_pass_order = HIWIN_RESIZE_PILLOW13;
 }
 
 hiwin_status* hiwin_context_create(const hiwin_options* options, hiwin_context** out) {
@@ -357,7 +360,7 @@ hiwin_status* hiwin_prepare(const hiwin_context* ctx, const hiwin_image* image, 
     if (o.pre_resize > 0) {
       auto sz = hiwin::pre_resize_size(src->width, src->height, o.pre_resize);
       if (sz.first > 0) {
-        pre = hiwin::resize_bicubic(*src, sz.first, sz.second);
+        pre = hiwin::resize_bicubic(*src, sz.first, sz.second, o.resize_pass_order == HIWIN_RESIZE_PILLOW13);
         src = &pre;
       }
     }
@@ -366,14 +369,14 @@ hiwin_status* hiwin_prepare(const hiwin_context* ctx, const hiwin_image* image, 
                                  o.scale_resolution, o.patch_size);
     const auto& pl = p->plan;
     if (pl.cols) {
-      hiwin::Rgb8 refined = hiwin::resize_bicubic(*src, pl.refined_w, pl.refined_h);
+      hiwin::Rgb8 refined = hiwin::resize_bicubic(*src, pl.refined_w, pl.refined_h, o.resize_pass_order == HIWIN_RESIZE_PILLOW13);
       for (int r = 0; r < pl.rows; ++r)
         for (int c = 0; c < pl.cols; ++c) {
           p->crops.push_back(hiwin::crop(refined, c * pl.slice_w, r * pl.slice_h, pl.slice_w, pl.slice_h));
           p->boxes.emplace_back(c * pl.slice_w, r * pl.slice_h);
         }
     }
-    p->crops.push_back(hiwin::resize_bicubic(*src, pl.overview_w, pl.overview_h));
+    p->crops.push_back(hiwin::resize_bicubic(*src, pl.overview_w, pl.overview_h, o.resize_pass_order == HIWIN_RESIZE_PILLOW13));
     p->boxes.emplace_back(0, 0);
     p->pixels.resize(p->crops.size());
     for (size_t i = 0; i < p->crops.size(); ++i) {

@@ -30,13 +30,14 @@ namespace hiwin {
 namespace {
 
 // A decoded image in one of the Pillow modes we map to.
-enum class Mode { One, L, LA, RGB, RGBA, P, CMYK, I16 };
+enum class Mode { One, L, LA, LA16, RGB, RGBA, P, CMYK, I16 };
 
 const char* mode_name(Mode m) {
   switch (m) {
     case Mode::One: return "1";
     case Mode::L: return "L";
     case Mode::LA: return "LA";
+    case Mode::LA16: return "RGBA";  // Pillow opens 16-bit grey+alpha PNG as RGBA (rawmode LA;16B)
     case Mode::RGB: return "RGB";
     case Mode::RGBA: return "RGBA";
     case Mode::P: return "P";
@@ -346,7 +347,7 @@ void decode_png(const uint8_t* data, size_t size, Raw& raw, const std::string& n
     case PNG_COLOR_TYPE_RGB_ALPHA:
     case PNG_COLOR_TYPE_GRAY_ALPHA: {
       const int bands = hd.color == PNG_COLOR_TYPE_RGB ? 3 : hd.color == PNG_COLOR_TYPE_RGB_ALPHA ? 4 : 2;
-      raw.mode = bands == 3 ? Mode::RGB : bands == 4 ? Mode::RGBA : Mode::LA;
+      raw.mode = bands == 3 ? Mode::RGB : bands == 4 ? Mode::RGBA : (depth == 16 ? Mode::LA16 : Mode::LA);
       const int bps = depth / 8;  // 1 or 2 bytes per sample; 16-bit keeps the high byte
       raw.px8.resize(n * bands);
       for (size_t y = 0; y < h; ++y)
@@ -429,6 +430,7 @@ Rgb8 to_rgb(const Raw& raw, const DecodeOptions& opt) {
       }
       break;
     case Mode::LA:
+    case Mode::LA16:
       for (size_t i = 0; i < n; ++i) {
         uint8_t l = p[2 * i], a = p[2 * i + 1];
         if (opt.alpha_composite) composite(bg, l, l, l, a, o + 3 * i);

@@ -53,7 +53,7 @@ struct BucketRule {
 
 // --- resampling (resample.cpp) -------------------------------------------------------------
 // Pillow Image.resize(size, BICUBIC) of an RGB image, bit for bit.
-Rgb8 resize_bicubic(const Rgb8& in, int out_w, int out_h);
+Rgb8 resize_bicubic(const Rgb8& in, int out_w, int out_h, bool pillow13_order = true);
 Rgb8 crop(const Rgb8& in, int left, int top, int w, int h);
 
 // --- layout --------------------------------------------------------------------------------

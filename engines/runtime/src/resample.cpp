@@ -3,6 +3,7 @@
 // (the filter is stretched when down-sampling, i.e. antialiased), float64 weights normalised to
 // sum 1, then rounded to 22-bit fixed point; 8-bit accumulation with a rounding bias, the sum
 // shifted back and clamped to 0..255. Same arithmetic in the same order gives the same bytes.
+// The pass order follows the installed Pillow's rule (see resize_bicubic).
 #include <cmath>
 #include <cstring>
 
@@ -119,7 +120,7 @@ void vertical(const Rgb8& in, int offset, int out_h, const Coeffs& c, Rgb8& out)
 
 }  // namespace
 
-Rgb8 resize_bicubic(const Rgb8& in, int out_w, int out_h) {
+Rgb8 resize_bicubic(const Rgb8& in, int out_w, int out_h, bool pillow13_order) {
   if (out_w < 1 || out_h < 1) throw Error(HIWIN_INVALID_ARGUMENT, "resize to an empty size");
   if (in.width == out_w && in.height == out_h) return in;  // Image.resize returns a copy
   const bool need_h = out_w != in.width, need_v = out_h != in.height;
@@ -128,7 +129,15 @@ Rgb8 resize_bicubic(const Rgb8& in, int out_w, int out_h) {
   const int ybox_first = cv.bounds[0];
   const int ybox_last = cv.bounds[out_h * 2 - 2] + cv.bounds[out_h * 2 - 1];
   Rgb8 tmp, out;
-  if (need_h) {
+  // Pillow >= 13 runs the vertical pass first when the height shrinks by more than twice as many
+  // pixels as the width does (python-pillow/Pillow#9549); the rounding of the 8-bit intermediate
+  // depends on the order, so it must be the same order.
+  const bool vertical_first = pillow13_order && need_h && need_v && out_h < in.height &&
+                              static_cast<int64_t>(in.height) - out_h > 2 * (static_cast<int64_t>(in.width) - out_w);
+  if (vertical_first) {
+    vertical(in, 0, out_h, cv, tmp);
+    horizontal(tmp, 0, out_h, out_w, ch, out);
+  } else if (need_h) {
     if (need_v) {
       horizontal(in, ybox_first, ybox_last - ybox_first, out_w, ch, tmp);
       vertical(tmp, ybox_first, out_h, cv, out);

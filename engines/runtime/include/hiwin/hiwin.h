@@ -80,7 +80,14 @@ typedef struct hiwin_options {
   int pre_resize;          /* optional upscale-only long side (0 = off, the default) */
   int queries;             /* visual tokens per crop (default 144) */
   int64_t vocab_size;      /* LLM vocabulary (for prompt-table ids; from manifest.json when known) */
+  int resize_pass_order;   /* which Pillow's BICUBIC to reproduce: HIWIN_RESIZE_PILLOW13 (default;
+                              Pillow >= 13 runs the vertical pass first when the height shrinks by
+                              more than twice as many pixels as the width) or HIWIN_RESIZE_PILLOW12
+                              (Pillow <= 12: always horizontal first). Match the reference's Pillow. */
 } hiwin_options;
+
+#define HIWIN_RESIZE_PILLOW13 0
+#define HIWIN_RESIZE_PILLOW12 1
 
 /* Fills *options with the defaults above (vocab_size 32000). */
 HIWIN_API void hiwin_options_default(hiwin_options* options);
