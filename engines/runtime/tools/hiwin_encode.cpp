@@ -109,6 +109,10 @@ int main(int argc, char** argv) {
     }
   }
   if (image.empty()) return usage();
+  if (!engines.empty() && export_dir.empty()) {
+    std::fprintf(stderr, "hiwin-encode: --engines needs --export (the export directory the engines were built from)\n");
+    return 2;
+  }
   try {
     hiwin::Context ctx = export_dir.empty() ? hiwin::Context() : hiwin::Context::from_export(export_dir, engines, plugin);
     if (bench > 0) {
