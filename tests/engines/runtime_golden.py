@@ -264,6 +264,9 @@ def write_golden(out: Path, cases: list[tuple[Path, int, int]], *, seed: int = 0
 
     lines: list[str] = [f"PILLOW {int(PIL.__version__.split('.')[0])}"]
     counts = {"images": 0, "decoded": 0, "errors": 0, "crops": 0, "sizes": 0}
+    from hiwin_runtime.crop_chain import CropChain
+
+    chain = CropChain(fake_stages(), patch_size=14, bucket_for=lambda w, h: apply_bucket_rule(rule, w, h))
     for path, ms, pre in cases:
         counts["images"] += 1
         lines.append(f"CASE {ms} {pre} {path}")
@@ -300,6 +303,8 @@ def write_golden(out: Path, cases: list[tuple[Path, int, int]], *, seed: int = 0
             counts["crops"] += 1
         lay = layout_indices(plan.grid, len(crops), queries)
         lines.append(f"LAYOUT {lay.size} {hash64(lay.astype(np.int64))}")
+        tok = chain.encode(norm, plan.grid, NEWLINE, COMMA)
+        lines.append(f"ENC {tok.size} {hash64(np.ascontiguousarray(tok, np.float32))}")
     # plans of random sizes (log-uniform, with extremes and max_slices variety)
     for i in range(n_sizes):
         if i % 10 == 0:
@@ -339,6 +344,36 @@ def write_golden(out: Path, cases: list[tuple[Path, int, int]], *, seed: int = 0
             lines.append(f"B {w} {h} {oh} {ow}")
     (out / "golden.txt").write_text("\n".join(lines) + "\n")
     return counts
+
+
+# Test-double vision stages (the same float32 arithmetic as runtime_tests.cpp's fake_*): the crop
+# chain (shape groups, batches, buckets, token placement, layout gather) is checked bit for bit.
+NEWLINE = np.array([1.5, -2.25, 3.0], np.float32)
+COMMA = np.array([-0.5, 0.75, -1.0], np.float32)
+
+
+def fake_stages():
+    from hiwin_runtime.crop_chain import Stages
+
+    def vit(px):
+        return np.ascontiguousarray(px[:, :2, ::14, ::14])
+
+    def jbu(f, px):
+        f2 = f.repeat(2, axis=2).repeat(2, axis=3)
+        f4 = f.repeat(4, axis=2).repeat(4, axis=3) + px[:, :2, :1, :1]
+        return f2, f4
+
+    def projector(bucket, f1, f2, f4):
+        oh, ow = bucket
+        b, _, h, w = f1.shape
+        k = np.arange(144)
+        c = np.arange(3)
+        a = f1[:, (c % 2)[None, :], ((k // w) % h)[:, None], (k % w)[:, None]]  # (B, 144, 3)
+        b2 = f2[:, 0, 2 * h - 1, 2 * w - 1][:, None, None]
+        b4 = f4[:, 1, 0, 4 * w - 1][:, None, None]
+        return (a + b2 * np.float32(oh) + b4 * np.float32(ow)).astype(np.float32)
+
+    return Stages(vit, jbu, projector)
 
 
 def _plan_str(plan) -> str:

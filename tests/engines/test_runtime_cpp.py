@@ -4,7 +4,9 @@ CMake builds the library, ``hiwin-encode`` and the test driver once (cached by s
 :mod:`hiwin_export.runtime_lib`); the Python reference writes golden data for >= 200 images (real
 photos in every PNG/JPEG form the reference accepts, documents, extreme and random sizes, EXIF
 orientations) plus 10^4 random sizes, and the C++ driver must reproduce every decoded pixel, plan,
-crop, normalised tensor (hashes of the exact bytes), bucket, shape group, layout and prompt table.
+crop, normalised tensor (hashes of the exact bytes), bucket, shape group, layout and prompt table,
+and hiwin_encode_image's crop chain (through test-double stages set with hiwin_vision_backend) must
+give CropChain's visual tokens.
 A second, ASan + UBSan build feeds bad files, a few hundred random sizes and API misuse and must
 get a status with a message every time, with no sanitizer report and no leak.
 """
@@ -75,6 +77,7 @@ def test_golden_bit_exact(release, data):
     assert got["crops"] == counts["crops"]  # every crop's RGB bytes and float32 tensor bits
     assert got["errors"] == counts["errors"]  # the same refusals (extreme aspect ratios, ...)
     assert got["image plans"] + counts["errors"] == counts["images"]
+    assert got["visual tokens"] == got["image plans"]  # hiwin_encode_image's crop chain + layout == CropChain's
     assert got["size plans"] == counts["sizes"] == 10_000
     assert got["layouts"] > 0 and got["prompt tables"] == 60 and got["buckets"] == 1600
     assert "FAILURES 0" in res.stdout

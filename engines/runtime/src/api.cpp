@@ -197,6 +197,56 @@ void copy_out(const std::vector<int64_t>& v, int64_t* out, size_t capacity, size
   std::memcpy(out, v.data(), v.size() * sizeof(int64_t));
 }
 
+// hiwin_vision_backend callbacks as a VisionBackend
+class CallbackBackend : public hiwin::VisionBackend {
+ public:
+  CallbackBackend(const hiwin_vision_backend& cb, int patch, int queries) : cb_(cb), p_(patch), q_(queries) {}
+  int hidden_size() const override { return cb_.hidden_size; }
+  hiwin::Tensor vit(const hiwin::Tensor& px) override {
+    int b, h, w;
+    grid(px, b, h, w);
+    hiwin::Tensor f{{b, cb_.vision_channels, h, w}, {}};
+    f.data.resize(static_cast<size_t>(b) * cb_.vision_channels * h * w);
+    check(cb_.vit(cb_.user, b, h, w, px.data.data(), f.data.data(), msg_, sizeof msg_), "vit");
+    return f;
+  }
+  std::pair<hiwin::Tensor, hiwin::Tensor> jbu(const hiwin::Tensor& f, const hiwin::Tensor& px) override {
+    int b, h, w;
+    grid(px, b, h, w);
+    const size_t c = static_cast<size_t>(cb_.vision_channels);
+    hiwin::Tensor f2{{b, cb_.vision_channels, 2 * h, 2 * w}, std::vector<float>(b * c * 4 * h * w)};
+    hiwin::Tensor f4{{b, cb_.vision_channels, 4 * h, 4 * w}, std::vector<float>(b * c * 16 * h * w)};
+    check(cb_.jbu(cb_.user, b, h, w, f.data.data(), px.data.data(), f2.data.data(), f4.data.data(), msg_, sizeof msg_),
+          "jbu");
+    return {std::move(f2), std::move(f4)};
+  }
+  hiwin::Tensor projector(std::pair<int, int> bucket, const hiwin::Tensor& f1, const hiwin::Tensor& f2,
+                          const hiwin::Tensor& f4) override {
+    const int b = static_cast<int>(f1.shape[0]), h = static_cast<int>(f1.shape[2]), w = static_cast<int>(f1.shape[3]);
+    hiwin::Tensor t{{b, q_, cb_.hidden_size}, std::vector<float>(static_cast<size_t>(b) * q_ * cb_.hidden_size)};
+    check(cb_.projector(cb_.user, b, h, w, bucket.first, bucket.second, f1.data.data(), f2.data.data(), f4.data.data(),
+                        t.data.data(), msg_, sizeof msg_),
+          "projector");
+    return t;
+  }
+
+ private:
+  void grid(const hiwin::Tensor& px, int& b, int& h, int& w) const {
+    b = static_cast<int>(px.shape[0]);
+    h = static_cast<int>(px.shape[2] / p_);
+    w = static_cast<int>(px.shape[3] / p_);
+  }
+  void check(int rc, const char* stage) {
+    if (rc != 0) {
+      msg_[sizeof msg_ - 1] = 0;
+      throw Error(HIWIN_BACKEND_ERROR, std::string(stage) + " callback failed: " + (msg_[0] ? msg_ : "(no message)"));
+    }
+  }
+  hiwin_vision_backend cb_;
+  int p_, q_;
+  char msg_[1024] = {0};
+};
+
 }  // namespace
 
 extern "C" {
@@ -276,6 +326,19 @@ hiwin_status* hiwin_context_options(const hiwin_context* ctx, hiwin_options* out
     need(ctx, "ctx");
     need(out, "out");
     *out = ctx->opt;
+  });
+}
+
+hiwin_status* hiwin_context_set_vision_backend(hiwin_context* ctx, const hiwin_vision_backend* backend) {
+  return guarded([&] {
+    need(ctx, "ctx");
+    need(backend, "backend");
+    if (!backend->vit || !backend->jbu || !backend->projector)
+      throw Error(HIWIN_INVALID_ARGUMENT, "the vision backend needs vit, jbu and projector callbacks");
+    if (backend->vision_channels < 1 || backend->hidden_size < 1)
+      throw Error(HIWIN_INVALID_ARGUMENT, "vision_channels and hidden_size must be >= 1");
+    std::lock_guard<std::mutex> lock(ctx->backend_mutex);
+    ctx->backend.reset(new CallbackBackend(*backend, ctx->opt.patch_size, ctx->opt.queries));
   });
 }
 
@@ -503,8 +566,10 @@ hiwin_status* hiwin_encode_image(hiwin_context* ctx, const hiwin_prepared* p, co
     need(p, "prepared");
     if (!ctx->backend)
       throw Error(HIWIN_UNSUPPORTED, hiwin_has_tensorrt()
-                                         ? "this context has no engines (create it with an engines_dir)"
-                                         : "this build of hiwin has no TensorRT backend (rebuild with TensorRT found)");
+                                         ? "this context has no vision engines (create it with an engines_dir, or set "
+                                           "a hiwin_vision_backend)"
+                                         : "this context has no vision engines: this build of hiwin has no TensorRT "
+                                           "backend (rebuild with TensorRT found), or set a hiwin_vision_backend");
     need(newline, "newline");
     need(comma, "comma");
     const int q = ctx->opt.queries;

@@ -62,6 +62,65 @@ std::string rest_of(std::istringstream& ss) {
   return a == std::string::npos ? "" : r.substr(a);
 }
 
+// Test-double vision stages (the same arithmetic as runtime_golden.fake_stages, float32, same
+// operation order): exact copies and single roundings, so numpy and C++ agree bit for bit.
+const int kCv = 2, kHidden = 3;
+
+int fake_vit(void*, int b, int h, int w, const float* px, float* f, char*, size_t) {
+  const size_t H = 14 * static_cast<size_t>(h), W = 14 * static_cast<size_t>(w);
+  for (int n = 0; n < b; ++n)
+    for (int c = 0; c < kCv; ++c)
+      for (int i = 0; i < h; ++i)
+        for (int j = 0; j < w; ++j)
+          f[((static_cast<size_t>(n) * kCv + c) * h + i) * w + j] = px[((static_cast<size_t>(n) * 3 + c) * H + 14 * i) * W + 14 * j];
+  return 0;
+}
+
+int fake_jbu(void*, int b, int h, int w, const float* f, const float* px, float* f2, float* f4, char*, size_t) {
+  const size_t H = 14 * static_cast<size_t>(h), W = 14 * static_cast<size_t>(w);
+  for (int n = 0; n < b; ++n)
+    for (int c = 0; c < kCv; ++c) {
+      const float* fc = f + (static_cast<size_t>(n) * kCv + c) * h * w;
+      const float p00 = px[(static_cast<size_t>(n) * 3 + c) * H * W];
+      for (int y = 0; y < 2 * h; ++y)
+        for (int x = 0; x < 2 * w; ++x)
+          f2[((static_cast<size_t>(n) * kCv + c) * 2 * h + y) * 2 * w + x] = fc[(y / 2) * w + x / 2];
+      for (int y = 0; y < 4 * h; ++y)
+        for (int x = 0; x < 4 * w; ++x)
+          f4[((static_cast<size_t>(n) * kCv + c) * 4 * h + y) * 4 * w + x] = fc[(y / 4) * w + x / 4] + p00;
+    }
+  return 0;
+}
+
+int fake_projector(void*, int b, int h, int w, int oh, int ow, const float* f1, const float* f2, const float* f4,
+                   float* t, char* msg, size_t msg_size) {
+  if (oh < 2 || ow < 2) {
+    std::snprintf(msg, msg_size, "bad bucket %dx%d", oh, ow);
+    return 1;
+  }
+  const int q = 144;
+  for (int n = 0; n < b; ++n)
+    for (int k = 0; k < q; ++k)
+      for (int c = 0; c < kHidden; ++c) {
+        float a = f1[((static_cast<size_t>(n) * kCv + c % kCv) * h + (k / w) % h) * w + k % w];
+        float b2 = f2[((static_cast<size_t>(n) * kCv) * 2 * h + 2 * h - 1) * 2 * w + 2 * w - 1];
+        float b4 = f4[((static_cast<size_t>(n) * kCv + 1) * 4 * h) * 4 * w + 4 * w - 1];
+        t[(static_cast<size_t>(n) * q + k) * kHidden + c] = a + b2 * static_cast<float>(oh) + b4 * static_cast<float>(ow);
+      }
+  return 0;
+}
+
+void set_fake_backend(hiwin::Context& ctx) {
+  hiwin_vision_backend vb;
+  vb.user = nullptr;
+  vb.vision_channels = kCv;
+  vb.hidden_size = kHidden;
+  vb.vit = fake_vit;
+  vb.jbu = fake_jbu;
+  vb.projector = fake_projector;
+  hiwin::check(hiwin_context_set_vision_backend(ctx.get(), &vb));
+}
+
 int run_golden(const std::string& golden, const std::string& manifest_dir) {
   std::ifstream f(golden);
   if (!f) {
@@ -80,6 +139,7 @@ int run_golden(const std::string& golden, const std::string& manifest_dir) {
   hiwin_options_default(&opt0);
   opt0.resize_pass_order = pillow_major >= 13 ? HIWIN_RESIZE_PILLOW13 : HIWIN_RESIZE_PILLOW12;
   hiwin::Context base = hiwin::Context::from_export(manifest_dir, "", "", &opt0);
+  set_fake_backend(base);
   std::map<int, hiwin::Context*> by_pre;  // contexts with pre_resize
   std::vector<std::unique_ptr<hiwin::Context>> owned;
   auto ctx_for = [&](int pre) -> hiwin::Context& {
@@ -89,6 +149,7 @@ int run_golden(const std::string& golden, const std::string& manifest_dir) {
     hiwin_options o = base.options();
     o.pre_resize = pre;
     owned.emplace_back(new hiwin::Context(hiwin::Context::from_export(manifest_dir, "", "", &o)));
+    set_fake_backend(*owned.back());
     by_pre[pre] = owned.back().get();
     return *owned.back();
   };
@@ -98,6 +159,7 @@ int run_golden(const std::string& golden, const std::string& manifest_dir) {
   std::unique_ptr<hiwin::Image> img;
   std::unique_ptr<hiwin::Prepared> prep;
   std::string decode_err, prepare_err;
+  hiwin::Context* cur = &base;
   while (std::getline(f, line)) {
     std::istringstream ss(line);
     std::string tag;
@@ -111,6 +173,7 @@ int run_golden(const std::string& golden, const std::string& manifest_dir) {
       decode_err.clear();
       prepare_err.clear();
       hiwin::Context& ctx = ctx_for(pre);
+      cur = &ctx;
       try {
         img.reset(new hiwin::Image(ctx.decode_file(file)));
       } catch (const hiwin::Exception& e) {
@@ -182,6 +245,21 @@ int run_golden(const std::string& golden, const std::string& manifest_dir) {
       auto v = hiwin::layout_indices(p.grid_cols, p.grid_rows, p.num_crops, base.options().queries);
       if (v.size() != n || hash_bytes(v.data(), v.size() * 8) != hv) fail(file + ": layout indices differ");
       else passed["image layouts"]++;
+    } else if (tag == "ENC") {  // visual tokens through the test-double stages (crop chain + layout)
+      size_t n;
+      uint64_t hv;
+      ss >> n >> hv;
+      if (!prep) continue;
+      const float newline[kHidden] = {1.5f, -2.25f, 3.0f}, comma[kHidden] = {-0.5f, 0.75f, -1.0f};
+      std::vector<float> tok;
+      try {
+        tok = cur->encode(*prep, newline, comma);
+      } catch (const hiwin::Exception& e) {
+        fail(file + ": encode: " + e.what());
+        continue;
+      }
+      if (tok.size() != n || hash_bytes(tok.data(), tok.size() * 4) != hv) fail(file + ": visual tokens differ from CropChain's");
+      else passed["visual tokens"]++;
     } else if (tag == "P") {  // plan of a size: w h max_slices (plan... | ERR kind)
       int w, h, ms;
       ss >> w >> h >> ms;

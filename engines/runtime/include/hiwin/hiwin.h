@@ -186,6 +186,28 @@ HIWIN_API hiwin_status* hiwin_prompt_table_ids(const int64_t* pre, size_t num_pr
 HIWIN_API hiwin_status* hiwin_encode_image(hiwin_context* ctx, const hiwin_prepared* prepared,
                                            const float* newline, const float* comma, float* tokens,
                                            size_t capacity, size_t* count);
+/* Your own vision engines (ONNX Runtime, a custom TensorRT wrapper, a test double) behind
+ * hiwin_encode_image: three callbacks with the stage contracts of the exported graphs. The library
+ * allocates every output (sizes from vision_channels / hidden_size / queries); a callback fills it and
+ * returns 0, or returns non-zero with a message in msg (msg_size bytes). Pixels are (batch, 3, 14h, 14w)
+ * float32 for crops of h x w patches (one shape group at a time). The struct is copied; `user` must
+ * outlive the context. Set it before sharing the context between threads; calls are serialised. */
+typedef struct hiwin_vision_backend {
+  void* user;
+  int vision_channels; /* Cv: ViT feature channels */
+  int hidden_size;     /* C: token width (the LLM's hidden size) */
+  /* pixels -> features (batch, Cv, h, w) */
+  int (*vit)(void* user, int batch, int h, int w, const float* pixels, float* features, char* msg, size_t msg_size);
+  /* (features, pixels) -> feat2x (batch, Cv, 2h, 2w), feat4x (batch, Cv, 4h, 4w) */
+  int (*jbu)(void* user, int batch, int h, int w, const float* features, const float* pixels, float* feat2x,
+             float* feat4x, char* msg, size_t msg_size);
+  /* projector of bucket (oh, ow): (feat1x, feat2x, feat4x) -> tokens (batch, queries, C) */
+  int (*projector)(void* user, int batch, int h, int w, int oh, int ow, const float* feat1x, const float* feat2x,
+                   const float* feat4x, float* tokens, char* msg, size_t msg_size);
+} hiwin_vision_backend;
+
+HIWIN_API hiwin_status* hiwin_context_set_vision_backend(hiwin_context* ctx, const hiwin_vision_backend* backend);
+
 /* Hidden size of the engines' tokens (0 without engines). */
 HIWIN_API int hiwin_context_hidden_size(const hiwin_context* ctx);
 
