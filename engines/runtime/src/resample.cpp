@@ -71,29 +71,54 @@ inline uint8_t clip8(int32_t v) {
   return static_cast<uint8_t>(v < 0 ? 0 : (v > 255 ? 255 : v));
 }
 
-// rows [row0, row0 + nrows) of `in` resampled horizontally into out (out_w x nrows)
+// Dot product of `n` 8-bit samples (widened to int32) with fixed-point weights. Integer sums are
+// exact and associative, so the compiler may vectorise the reduction without changing the result.
+inline int32_t dot(const int32_t* x, const int32_t* k, int n) {
+  int32_t s = 0;
+  for (int i = 0; i < n; ++i) s += x[i] * k[i];
+  return s;
+}
+
+// On x86-64 Linux (GCC) the hot loops are also compiled for AVX2 and picked at load time; the
+// arithmetic is integer, so every variant gives the same bytes.
+#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) && !defined(__SANITIZE_ADDRESS__)
+#define HIWIN_CLONES __attribute__((target_clones("avx2", "default")))
+#else
+#define HIWIN_CLONES
+#endif
+
+// one output row of the horizontal pass from planar int32 channels
+HIWIN_CLONES void hrow(int32_t* const* pl, uint8_t* dst, const int* bounds, const int32_t* kk, int ksize, int out_w) {
+  const int32_t bias = 1 << (kPrecisionBits - 1);
+  for (int xx = 0; xx < out_w; ++xx) {
+    const int xmin = bounds[xx * 2], xmax = bounds[xx * 2 + 1];
+    const int32_t* k = kk + static_cast<size_t>(xx) * ksize;
+    for (int ch = 0; ch < 3; ++ch) dst[xx * 3 + ch] = clip8(bias + dot(pl[ch] + xmin, k, xmax));
+  }
+}
+
+// acc[i] += src[i] * w over a row (the vertical pass)
+HIWIN_CLONES void axpy(int32_t* acc, const uint8_t* src, int32_t w, size_t n) {
+  for (size_t i = 0; i < n; ++i) acc[i] += src[i] * w;
+}
+
+// rows [row0, row0 + nrows) of `in` resampled horizontally into out (out_w x nrows). Each row is
+// split into planar int32 channels first, so every output sample is one contiguous dot product.
 void horizontal(const Rgb8& in, int row0, int nrows, int out_w, const Coeffs& c, Rgb8& out) {
   out.width = out_w;
   out.height = nrows;
   out.data.assign(static_cast<size_t>(out_w) * nrows * 3, 0);
   const size_t in_stride = static_cast<size_t>(in.width) * 3, out_stride = static_cast<size_t>(out_w) * 3;
+  std::vector<int32_t> planes(static_cast<size_t>(in.width) * 3);
+  int32_t* pl[3] = {planes.data(), planes.data() + in.width, planes.data() + 2 * static_cast<size_t>(in.width)};
   for (int y = 0; y < nrows; ++y) {
     const uint8_t* src = in.data.data() + static_cast<size_t>(row0 + y) * in_stride;
-    uint8_t* dst = out.data.data() + static_cast<size_t>(y) * out_stride;
-    for (int xx = 0; xx < out_w; ++xx) {
-      const int xmin = c.bounds[xx * 2], xmax = c.bounds[xx * 2 + 1];
-      const int32_t* k = &c.k[static_cast<size_t>(xx) * c.ksize];
-      int32_t s0 = 1 << (kPrecisionBits - 1), s1 = s0, s2 = s0;
-      const uint8_t* p = src + static_cast<size_t>(xmin) * 3;
-      for (int x = 0; x < xmax; ++x, p += 3) {
-        s0 += p[0] * k[x];
-        s1 += p[1] * k[x];
-        s2 += p[2] * k[x];
-      }
-      dst[xx * 3] = clip8(s0);
-      dst[xx * 3 + 1] = clip8(s1);
-      dst[xx * 3 + 2] = clip8(s2);
+    for (int x = 0; x < in.width; ++x) {
+      pl[0][x] = src[3 * x];
+      pl[1][x] = src[3 * x + 1];
+      pl[2][x] = src[3 * x + 2];
     }
+    hrow(pl, out.data.data() + static_cast<size_t>(y) * out_stride, c.bounds.data(), c.k.data(), c.ksize, out_w);
   }
 }
 
@@ -110,8 +135,7 @@ void vertical(const Rgb8& in, int offset, int out_h, const Coeffs& c, Rgb8& out)
     std::fill(acc.begin(), acc.end(), 1 << (kPrecisionBits - 1));
     for (int y = 0; y < ymax; ++y) {
       const uint8_t* src = in.data.data() + static_cast<size_t>(ymin + y) * stride;
-      const int32_t w = k[y];
-      for (size_t i = 0; i < stride; ++i) acc[i] += src[i] * w;  // integer sums: order-independent
+      axpy(acc.data(), src, k[y], stride);  // integer sums: order-independent
     }
     uint8_t* dst = out.data.data() + static_cast<size_t>(yy) * stride;
     for (size_t i = 0; i < stride; ++i) dst[i] = clip8(acc[i]);
