@@ -6,6 +6,9 @@
 #include <mutex>
 #include <new>
 #include <sstream>
+#include <condition_variable>
+#include <exception>
+#include <thread>
 
 #include "backend.h"
 #include "internal.h"
@@ -84,6 +87,7 @@ void validate(const hiwin_options& o) {
   if (o.max_pixels < 0) throw Error(HIWIN_INVALID_ARGUMENT, "max_pixels must be >= 0");
   if (o.resize_pass_order != HIWIN_RESIZE_PILLOW13 && o.resize_pass_order != HIWIN_RESIZE_PILLOW12)
     throw Error(HIWIN_INVALID_ARGUMENT, "resize_pass_order must be HIWIN_RESIZE_PILLOW13 or HIWIN_RESIZE_PILLOW12");
+  if (o.num_threads < 0) throw Error(HIWIN_INVALID_ARGUMENT, "num_threads must be >= 0");
   if (o.pre_resize < 0) throw Error(HIWIN_INVALID_ARGUMENT, "pre_resize must be >= 0");
   for (int c = 0; c < 3; ++c)
     if (!(o.std[c] != 0.0f) || !std::isfinite(o.std[c]) || !std::isfinite(o.mean[c]))
@@ -247,6 +251,178 @@ class CallbackBackend : public hiwin::VisionBackend {
   char msg_[1024] = {0};
 };
 
+
+std::unique_ptr<hiwin_prepared> finish_prepared(const hiwin_context* ctx, const hiwin::Plan& plan, hiwin::Rgb8* refined,
+                                                hiwin::Rgb8 overview) {
+  const auto& o = ctx->opt;
+  std::unique_ptr<hiwin_prepared> p(new hiwin_prepared());
+  p->plan = plan;
+  if (plan.cols) {
+    for (int r = 0; r < plan.rows; ++r)
+      for (int c = 0; c < plan.cols; ++c) {
+        p->crops.push_back(hiwin::crop(*refined, c * plan.slice_w, r * plan.slice_h, plan.slice_w, plan.slice_h));
+        p->boxes.emplace_back(c * plan.slice_w, r * plan.slice_h);
+      }
+  }
+  p->crops.push_back(std::move(overview));
+  p->boxes.emplace_back(0, 0);
+  p->pixels.resize(p->crops.size());
+  for (size_t i = 0; i < p->crops.size(); ++i) {
+    const auto& c = p->crops[i];
+    normalize(c, o, p->pixels[i]);
+    p->buckets.push_back(ctx->rule.bucket(c.width / o.patch_size, c.height / o.patch_size));
+    int g = -1;
+    for (size_t k = 0; k < p->groups.size(); ++k) {
+      const auto& first = p->crops[static_cast<size_t>(p->groups[k][0])];
+      if (first.width == c.width && first.height == c.height) g = static_cast<int>(k);
+    }
+    if (g < 0) {
+      g = static_cast<int>(p->groups.size());
+      p->groups.emplace_back();
+    }
+    p->groups[static_cast<size_t>(g)].push_back(static_cast<int32_t>(i));
+    p->group_of.push_back(g);
+  }
+  return p;
+}
+
+// load_image's result -> prepared crops (hiwin_runtime.processor.HiwinProcessor.prepare_image)
+std::unique_ptr<hiwin_prepared> prepare_rgb(const hiwin_context* ctx, const hiwin::Rgb8& image, int max_slices) {
+  const auto& o = ctx->opt;
+  const bool order13 = o.resize_pass_order == HIWIN_RESIZE_PILLOW13;
+  const hiwin::Rgb8* src = &image;
+  hiwin::Rgb8 pre;
+  if (o.pre_resize > 0) {
+    auto sz = hiwin::pre_resize_size(src->width, src->height, o.pre_resize);
+    if (sz.first > 0) {
+      pre = hiwin::resize_bicubic(*src, sz.first, sz.second, order13);
+      src = &pre;
+    }
+  }
+  hiwin::Plan plan = hiwin::plan_slices(src->width, src->height, max_slices > 0 ? max_slices : o.max_slices,
+                                        o.scale_resolution, o.patch_size);
+  hiwin::Rgb8 refined;
+  if (plan.cols) refined = hiwin::resize_bicubic(*src, plan.refined_w, plan.refined_h, order13);
+  return finish_prepared(ctx, plan, &refined, hiwin::resize_bicubic(*src, plan.overview_w, plan.overview_h, order13));
+}
+
+// Receives the JPEG rows while they decode on a second thread.
+struct Stream : hiwin::RowSink {
+  std::mutex m;
+  std::condition_variable cv;
+  bool header = false, finished = false, streaming = false;
+  int rows = 0, w = 0, h = 0;
+  std::vector<uint8_t> rgb;
+  uint8_t* begin(int width, int height, int orientation) noexcept override {
+    uint8_t* r = nullptr;
+    {
+      std::lock_guard<std::mutex> lock(m);
+      w = width;
+      h = height;
+      if (orientation == 1) {
+        try {
+          rgb.resize(static_cast<size_t>(w) * h * 3);
+          r = rgb.data();
+        } catch (...) {
+          r = nullptr;
+        }
+      }
+      streaming = r != nullptr;
+      header = true;
+    }
+    cv.notify_all();
+    return r;
+  }
+  void rows_done(int n) noexcept override {
+    {
+      std::lock_guard<std::mutex> lock(m);
+      rows = n;
+    }
+    cv.notify_all();
+  }
+};
+
+// decode + prepare; for JPEG with more than one hardware thread, the resizes' horizontal passes run
+// on rows as they are decoded (the same arithmetic on the same rows: the same bytes)
+std::unique_ptr<hiwin_prepared> prepare_bytes(const hiwin_context* ctx, const uint8_t* data, size_t size,
+                                              const std::string& name, int max_slices) {
+  const auto& o = ctx->opt;
+  const bool jpeg = size >= 3 && data[0] == 0xFF && data[1] == 0xD8 && data[2] == 0xFF;
+  const bool threads = o.num_threads != 1 && std::thread::hardware_concurrency() > 1;
+  if (!jpeg || !threads || o.pre_resize > 0)
+    return prepare_rgb(ctx, hiwin::decode_image(data, size, name, decode_options(ctx)), max_slices);
+  Stream st;
+  hiwin::Rgb8 decoded;
+  std::exception_ptr err;
+  const hiwin::DecodeOptions dopt = decode_options(ctx);
+  std::thread worker([&] {
+    try {
+      decoded = hiwin::decode_image(data, size, name, dopt, &st);
+    } catch (...) {
+      err = std::current_exception();
+    }
+    {
+      std::lock_guard<std::mutex> lock(st.m);
+      st.finished = st.header = true;
+    }
+    st.cv.notify_all();
+  });
+  struct Joiner {
+    std::thread& t;
+    ~Joiner() {
+      if (t.joinable()) t.join();
+    }
+  } joiner{worker};
+  {
+    std::unique_lock<std::mutex> lock(st.m);
+    st.cv.wait(lock, [&] { return st.header; });
+  }
+  auto finish_decode = [&] {
+    worker.join();
+    if (err) std::rethrow_exception(err);
+  };
+  if (!st.streaming) {
+    finish_decode();
+    return prepare_rgb(ctx, decoded, max_slices);
+  }
+  hiwin::Plan plan;
+  try {
+    plan = hiwin::plan_slices(st.w, st.h, max_slices > 0 ? max_slices : o.max_slices, o.scale_resolution, o.patch_size);
+  } catch (...) {
+    finish_decode();  // a decoding error is reported first, as load_image comes before the plan
+    throw;
+  }
+  const bool order13 = o.resize_pass_order == HIWIN_RESIZE_PILLOW13;
+  hiwin::StreamedResize ov(st.w, st.h, plan.overview_w, plan.overview_h, order13);
+  std::unique_ptr<hiwin::StreamedResize> rf;
+  if (plan.cols) rf.reset(new hiwin::StreamedResize(st.w, st.h, plan.refined_w, plan.refined_h, order13));
+  const size_t stride = static_cast<size_t>(st.w) * 3;
+  for (int y = 0; y < st.h;) {
+    int avail;
+    {
+      std::unique_lock<std::mutex> lock(st.m);
+      st.cv.wait(lock, [&] { return st.rows > y || st.finished; });
+      avail = st.rows;
+    }
+    if (avail <= y) break;  // the decoder stopped early: its error comes from finish_decode
+    for (; y < avail; ++y) {
+      const uint8_t* row = st.rgb.data() + stride * y;
+      if (ov.streamable()) ov.push_row(y, row);
+      if (rf && rf->streamable()) rf->push_row(y, row);
+    }
+  }
+  finish_decode();
+  hiwin::Rgb8 full;
+  full.width = st.w;
+  full.height = st.h;
+  full.data = std::move(st.rgb);
+  hiwin::Rgb8 refined;
+  if (rf) refined = rf->streamable() ? rf->finish() : hiwin::resize_bicubic(full, plan.refined_w, plan.refined_h, order13);
+  hiwin::Rgb8 overview =
+      ov.streamable() ? ov.finish() : hiwin::resize_bicubic(full, plan.overview_w, plan.overview_h, order13);
+  return finish_prepared(ctx, plan, &refined, std::move(overview));
+}
+
 }  // namespace
 
 extern "C" {
@@ -281,6 +457,7 @@ void hiwin_options_default(hiwin_options* o) {
   o->queries = 144;
   o->vocab_size = 32000;
   o->resize_pass_order = HIWIN_RESIZE_PILLOW13;
+  o->num_threads = 0;
 }
 
 hiwin_status* hiwin_context_create(const hiwin_options* options, hiwin_context** out) {
@@ -417,48 +594,30 @@ hiwin_status* hiwin_prepare(const hiwin_context* ctx, const hiwin_image* image, 
     *out = nullptr;
     need(ctx, "ctx");
     need(image, "image");
-    const auto& o = ctx->opt;
-    const hiwin::Rgb8* src = &image->rgb;
-    hiwin::Rgb8 pre;
-    if (o.pre_resize > 0) {
-      auto sz = hiwin::pre_resize_size(src->width, src->height, o.pre_resize);
-      if (sz.first > 0) {
-        pre = hiwin::resize_bicubic(*src, sz.first, sz.second, o.resize_pass_order == HIWIN_RESIZE_PILLOW13);
-        src = &pre;
-      }
-    }
-    std::unique_ptr<hiwin_prepared> p(new hiwin_prepared());
-    p->plan = hiwin::plan_slices(src->width, src->height, max_slices > 0 ? max_slices : o.max_slices,
-                                 o.scale_resolution, o.patch_size);
-    const auto& pl = p->plan;
-    if (pl.cols) {
-      hiwin::Rgb8 refined = hiwin::resize_bicubic(*src, pl.refined_w, pl.refined_h, o.resize_pass_order == HIWIN_RESIZE_PILLOW13);
-      for (int r = 0; r < pl.rows; ++r)
-        for (int c = 0; c < pl.cols; ++c) {
-          p->crops.push_back(hiwin::crop(refined, c * pl.slice_w, r * pl.slice_h, pl.slice_w, pl.slice_h));
-          p->boxes.emplace_back(c * pl.slice_w, r * pl.slice_h);
-        }
-    }
-    p->crops.push_back(hiwin::resize_bicubic(*src, pl.overview_w, pl.overview_h, o.resize_pass_order == HIWIN_RESIZE_PILLOW13));
-    p->boxes.emplace_back(0, 0);
-    p->pixels.resize(p->crops.size());
-    for (size_t i = 0; i < p->crops.size(); ++i) {
-      const auto& c = p->crops[i];
-      normalize(c, o, p->pixels[i]);
-      p->buckets.push_back(ctx->rule.bucket(c.width / o.patch_size, c.height / o.patch_size));
-      int g = -1;
-      for (size_t k = 0; k < p->groups.size(); ++k) {
-        const auto& first = p->crops[static_cast<size_t>(p->groups[k][0])];
-        if (first.width == c.width && first.height == c.height) g = static_cast<int>(k);
-      }
-      if (g < 0) {
-        g = static_cast<int>(p->groups.size());
-        p->groups.emplace_back();
-      }
-      p->groups[static_cast<size_t>(g)].push_back(static_cast<int32_t>(i));
-      p->group_of.push_back(g);
-    }
-    *out = p.release();
+    *out = prepare_rgb(ctx, image->rgb, max_slices).release();
+  });
+}
+
+hiwin_status* hiwin_prepare_memory(const hiwin_context* ctx, const void* data, size_t size, int max_slices,
+                                   hiwin_prepared** out) {
+  return guarded([&] {
+    need(out, "out");
+    *out = nullptr;
+    need(ctx, "ctx");
+    if (size && !data) throw Error(HIWIN_INVALID_ARGUMENT, "data is NULL");
+    *out = prepare_bytes(ctx, static_cast<const uint8_t*>(data), size, "<" + std::to_string(size) + " bytes>",
+                         max_slices).release();
+  });
+}
+
+hiwin_status* hiwin_prepare_file(const hiwin_context* ctx, const char* path, int max_slices, hiwin_prepared** out) {
+  return guarded([&] {
+    need(out, "out");
+    *out = nullptr;
+    need(ctx, "ctx");
+    need(path, "path");
+    std::vector<uint8_t> buf = hiwin::read_file_bytes(path);
+    *out = prepare_bytes(ctx, buf.data(), buf.size(), path, max_slices).release();
   });
 }
 

@@ -142,8 +142,25 @@ void src_term(j_decompress_ptr) {}
 
 // Decodes into raw; returns an empty string on success, else the error text. Plain C-style code
 // between setjmp and longjmp: every object with a destructor lives outside this function.
+// one decoded JPEG row (raw mode) -> RGB, as to_rgb does for the whole image
+void jpeg_row_to_rgb(Mode mode, const uint8_t* in, uint8_t* out, int w) {
+  if (mode == Mode::L) {
+    for (int x = 0; x < w; ++x) out[3 * x] = out[3 * x + 1] = out[3 * x + 2] = in[x];
+  } else if (mode == Mode::CMYK) {
+    for (int x = 0; x < w; ++x) {
+      const uint8_t* c = in + 4 * x;
+      unsigned nk = 255u - (255u - c[3]);
+      for (int k = 0; k < 3; ++k) {
+        unsigned v = 255u - c[k], t = v * nk + 128;
+        int r = static_cast<int>(nk) - static_cast<int>(((t >> 8) + t) >> 8);
+        out[3 * x + k] = static_cast<uint8_t>(r < 0 ? 0 : r);
+      }
+    }
+  }
+}
+
 std::string jpeg_decode_c(const uint8_t* data, size_t size, Raw& raw, const std::string& name,
-                          const DecodeOptions& opt, std::string& size_error) {
+                          const DecodeOptions& opt, std::string& size_error, RowSink* sink, bool& streamed) {
   jpeg_decompress_struct cinfo;
   JpegErr err;
   JpegSrc src;
@@ -198,23 +215,37 @@ std::string jpeg_decode_c(const uint8_t* data, size_t size, Raw& raw, const std:
   // libjpeg defaults, as Pillow (no draft): JDCT_ISLOW, fancy up-sampling, no block smoothing change
   jpeg_start_decompress(&cinfo);
   const size_t stride = static_cast<size_t>(cinfo.output_width) * cinfo.output_components;
-  raw.px8.resize(stride * cinfo.output_height);  // allocation failure throws before any longjmp state matters
+  uint8_t* dst = sink ? sink->begin(raw.width, raw.height, raw.orientation) : nullptr;
+  streamed = dst != nullptr;
+  try {  // (no longjmp can happen during the allocation)
+    raw.px8.resize(streamed ? (raw.mode == Mode::RGB ? 0 : stride) : stride * cinfo.output_height);
+  } catch (...) {
+    jpeg_destroy_decompress(&cinfo);
+    return "out of memory";
+  }
+  const size_t rgb_stride = static_cast<size_t>(raw.width) * 3;
   while (cinfo.output_scanline < cinfo.output_height) {
-    JSAMPROW row = raw.px8.data() + stride * cinfo.output_scanline;
+    const JDIMENSION y = cinfo.output_scanline;
+    JSAMPROW row = !streamed ? raw.px8.data() + stride * y : (raw.mode == Mode::RGB ? dst + rgb_stride * y : raw.px8.data());
     jpeg_read_scanlines(&cinfo, &row, 1);
+    if (streamed) {
+      if (raw.mode != Mode::RGB) jpeg_row_to_rgb(raw.mode, row, dst + rgb_stride * y, raw.width);
+      if ((y + 1) % 16 == 0 || y + 1 == cinfo.output_height) sink->rows_done(static_cast<int>(y + 1));
+    }
   }
   bool truncated = src.truncated;
   if (!truncated) jpeg_finish_decompress(&cinfo);
   jpeg_destroy_decompress(&cinfo);
   if (truncated) return "image file is truncated";
-  if (raw.mode == Mode::CMYK)  // Adobe CMYK is stored inverted; Pillow's "CMYK;I" undoes it
+  if (raw.mode == Mode::CMYK && !streamed)  // Adobe CMYK is stored inverted; Pillow's "CMYK;I" undoes it
     for (auto& v : raw.px8) v = static_cast<uint8_t>(255 - v);
   return "";
 }
 
-void decode_jpeg(const uint8_t* data, size_t size, Raw& raw, const std::string& name, const DecodeOptions& opt) {
+void decode_jpeg(const uint8_t* data, size_t size, Raw& raw, const std::string& name, const DecodeOptions& opt,
+                 RowSink* sink, bool& streamed) {
   std::string size_error;
-  std::string e = jpeg_decode_c(data, size, raw, name, opt, size_error);
+  std::string e = jpeg_decode_c(data, size, raw, name, opt, size_error, sink, streamed);
   if (!size_error.empty()) throw Error(HIWIN_BAD_IMAGE, size_error);
   if (!e.empty()) throw Error(HIWIN_BAD_IMAGE, name + ": corrupt or truncated image (" + e + ")");
 }
@@ -479,18 +510,29 @@ Rgb8 orient(Rgb8 in, int orientation) {
 
 }  // namespace
 
-Rgb8 decode_image(const uint8_t* data, size_t size, const std::string& name, const DecodeOptions& opt) {
+Rgb8 decode_image(const uint8_t* data, size_t size, const std::string& name, const DecodeOptions& opt,
+                  RowSink* sink) {
   if (!data || size == 0) throw Error(HIWIN_BAD_IMAGE, name + ": the file is empty");
   Raw raw;
   static const uint8_t kPng[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n'};
-  if (size >= 3 && data[0] == 0xFF && data[1] == 0xD8 && data[2] == 0xFF) decode_jpeg(data, size, raw, name, opt);
+  bool streamed = false;
+  if (size >= 3 && data[0] == 0xFF && data[1] == 0xD8 && data[2] == 0xFF) {
+    decode_jpeg(data, size, raw, name, opt, sink, streamed);
+    if (streamed) {
+      Rgb8 out;
+      out.width = raw.width;
+      out.height = raw.height;
+      out.source_mode = mode_name(raw.mode);
+      return out;
+    }
+  }
   else if (size >= 8 && std::memcmp(data, kPng, 8) == 0) decode_png(data, size, raw, name, opt);
   else throw Error(HIWIN_BAD_IMAGE, name + ": not a recognised image file (this library decodes JPEG and PNG; "
                                            "decode other formats yourself and use hiwin_image_from_rgb8)");
   return orient(to_rgb(raw, opt), raw.orientation);
 }
 
-Rgb8 decode_file(const std::string& path, const DecodeOptions& opt) {
+std::vector<uint8_t> read_file_bytes(const std::string& path) {
   std::ifstream f(path, std::ios::binary | std::ios::ate);
   if (!f) throw Error(HIWIN_IO_ERROR, path + ": no such file (or it cannot be opened)");
   std::streamoff n = f.tellg();
@@ -499,6 +541,11 @@ Rgb8 decode_file(const std::string& path, const DecodeOptions& opt) {
   std::vector<uint8_t> buf(static_cast<size_t>(n));
   f.seekg(0);
   if (!f.read(reinterpret_cast<char*>(buf.data()), n)) throw Error(HIWIN_IO_ERROR, path + ": cannot read the file");
+  return buf;
+}
+
+Rgb8 decode_file(const std::string& path, const DecodeOptions& opt) {
+  std::vector<uint8_t> buf = read_file_bytes(path);
   return decode_image(buf.data(), buf.size(), path, opt);
 }
 

@@ -30,8 +30,20 @@ struct DecodeOptions {
   bool alpha_composite = true;
   uint8_t background[3] = {255, 255, 255};
 };
-Rgb8 decode_image(const uint8_t* data, size_t size, const std::string& name, const DecodeOptions& opt);
+// Receives a JPEG's RGB rows while it decodes (hiwin_prepare_* overlaps decoding and resizing).
+// Both calls come from the decoding thread and must not throw.
+struct RowSink {
+  virtual ~RowSink() = default;
+  // after the header: where the RGB rows go (width*height*3 bytes), or nullptr to decode as usual
+  virtual uint8_t* begin(int width, int height, int orientation) noexcept = 0;
+  virtual void rows_done(int rows) noexcept = 0;  // rows [0, rows) are final
+};
+// With a sink that took the rows, the returned image has its size and mode but no data (the pixels
+// are in the sink's buffer).
+Rgb8 decode_image(const uint8_t* data, size_t size, const std::string& name, const DecodeOptions& opt,
+                  RowSink* sink = nullptr);
 Rgb8 decode_file(const std::string& path, const DecodeOptions& opt);
+std::vector<uint8_t> read_file_bytes(const std::string& path);  // IO errors / empty file as Error
 
 // --- geometry (plan.cpp) -------------------------------------------------------------------
 struct Plan {
@@ -55,6 +67,22 @@ struct BucketRule {
 // Pillow Image.resize(size, BICUBIC) of an RGB image, bit for bit.
 Rgb8 resize_bicubic(const Rgb8& in, int out_w, int out_h, bool pillow13_order = true);
 Rgb8 crop(const Rgb8& in, int left, int top, int w, int h);
+
+// resize_bicubic fed row by row (rows in order, as they are decoded): the horizontal pass runs per
+// pushed row, the vertical pass in finish(). Only when Pillow would run the horizontal pass first.
+class StreamedResize {
+ public:
+  StreamedResize(int in_w, int in_h, int out_w, int out_h, bool pillow13_order);
+  ~StreamedResize();
+  bool streamable() const { return streamable_; }
+  void push_row(int y, const uint8_t* rgb_row);  // y = 0, 1, ... (rows outside the used band are skipped)
+  Rgb8 finish();
+
+ private:
+  struct Impl;
+  Impl* impl_ = nullptr;
+  bool streamable_ = false;
+};
 
 // --- layout --------------------------------------------------------------------------------
 size_t num_image_tokens(int cols, int rows, int queries);

@@ -174,6 +174,59 @@ Rgb8 resize_bicubic(const Rgb8& in, int out_w, int out_h, bool pillow13_order) {
   return out;
 }
 
+struct StreamedResize::Impl {
+  Coeffs ch, cv;
+  int in_w = 0, out_w = 0, out_h = 0, first = 0, last = 0;
+  bool need_v = false;
+  Rgb8 tmp;
+  std::vector<int32_t> planes;
+};
+
+StreamedResize::StreamedResize(int in_w, int in_h, int out_w, int out_h, bool pillow13_order) {
+  if (out_w < 1 || out_h < 1 || in_w < 1 || in_h < 1) return;
+  const bool need_h = out_w != in_w, need_v = out_h != in_h;
+  const bool vertical_first = pillow13_order && need_h && need_v && out_h < in_h &&
+                              static_cast<int64_t>(in_h) - out_h > 2 * (static_cast<int64_t>(in_w) - out_w);
+  if (!need_h || vertical_first) return;  // resize_bicubic on the whole image instead
+  impl_ = new Impl();
+  impl_->ch = precompute(in_w, 0.0, in_w, out_w);
+  impl_->cv = precompute(in_h, 0.0, in_h, out_h);
+  impl_->in_w = in_w;
+  impl_->out_w = out_w;
+  impl_->out_h = out_h;
+  impl_->need_v = need_v;
+  impl_->first = need_v ? impl_->cv.bounds[0] : 0;
+  impl_->last = need_v ? impl_->cv.bounds[out_h * 2 - 2] + impl_->cv.bounds[out_h * 2 - 1] : in_h;
+  impl_->tmp.width = out_w;
+  impl_->tmp.height = impl_->last - impl_->first;
+  impl_->tmp.data.assign(static_cast<size_t>(out_w) * impl_->tmp.height * 3, 0);
+  impl_->planes.resize(static_cast<size_t>(in_w) * 3);
+  streamable_ = true;
+}
+
+StreamedResize::~StreamedResize() { delete impl_; }
+
+void StreamedResize::push_row(int y, const uint8_t* src) {
+  Impl& m = *impl_;
+  if (y < m.first || y >= m.last) return;
+  int32_t* pl[3] = {m.planes.data(), m.planes.data() + m.in_w, m.planes.data() + 2 * static_cast<size_t>(m.in_w)};
+  for (int x = 0; x < m.in_w; ++x) {
+    pl[0][x] = src[3 * x];
+    pl[1][x] = src[3 * x + 1];
+    pl[2][x] = src[3 * x + 2];
+  }
+  hrow(pl, m.tmp.data.data() + static_cast<size_t>(y - m.first) * m.out_w * 3, m.ch.bounds.data(), m.ch.k.data(),
+       m.ch.ksize, m.out_w);
+}
+
+Rgb8 StreamedResize::finish() {
+  Impl& m = *impl_;
+  if (!m.need_v) return std::move(m.tmp);
+  Rgb8 out;
+  vertical(m.tmp, m.first, m.out_h, m.cv, out);
+  return out;
+}
+
 Rgb8 crop(const Rgb8& in, int left, int top, int w, int h) {
   if (left < 0 || top < 0 || left + w > in.width || top + h > in.height)
     throw Error(HIWIN_INTERNAL, "crop box outside the image");

@@ -186,6 +186,30 @@ int run_golden(const std::string& golden, const std::string& manifest_dir) {
           prepare_err = code_name(e.code());
           if (!*e.what()) fail(file + ": empty error message");
         }
+      // the one-call path (decoding overlapped with the resizes for JPEG) must give the same crops
+      std::string one_err;
+      std::unique_ptr<hiwin::Prepared> one;
+      try {
+        one.reset(new hiwin::Prepared(ctx.prepare_file(file, ms)));
+      } catch (const hiwin::Exception& e) {
+        one_err = code_name(e.code());
+      }
+      const std::string two_err = !decode_err.empty() ? decode_err : prepare_err;
+      if (one_err != two_err) {
+        fail(file + ": hiwin_prepare_file status '" + one_err + "', two-step '" + two_err + "'");
+      } else if (one) {
+        bool same = plan_str(one->plan()) == plan_str(prep->plan());
+        for (int i = 0; same && i < prep->plan().num_crops; ++i) {
+          hiwin_crop a = prep->crop(i), b = one->crop(i);
+          const size_t n = static_cast<size_t>(a.width) * a.height * 3;
+          same = a.width == b.width && a.height == b.height && std::memcmp(a.rgb, b.rgb, n) == 0 &&
+                 std::memcmp(a.pixels, b.pixels, n * 4) == 0;
+        }
+        if (!same) fail(file + ": hiwin_prepare_file differs from decode + prepare");
+        else passed["one-call prepares"]++;
+      } else {
+        passed["one-call prepares"]++;
+      }
     } else if (tag == "DECODED") {
       std::string mode;
       int w, h;
@@ -336,11 +360,17 @@ int run_robust(const std::string& list) {
         hiwin_status_free(st);
         n_bad++;
       }
+      hiwin_prepared* pp = nullptr;  // the one-call path (second decoding thread for JPEG) too
+      hiwin_status* st2 = hiwin_prepare_file(ctx.get(), path.c_str(), 0, &pp);
+      if (!st2 || pp || !*hiwin_status_message(st2)) fail(path + ": hiwin_prepare_file accepted a bad file");
+      hiwin_prepared_free(pp);
+      hiwin_status_free(st2);
     } else if (tag == "GOOD") {
       std::string path = rest_of(ss);
       try {
         hiwin::Image img = ctx.decode_file(path);
         hiwin::Prepared p = ctx.prepare(img);
+        hiwin::Prepared q = ctx.prepare_file(path);
         n_good++;
       } catch (const hiwin::Exception& e) {
         if (!*e.what()) fail(path + ": empty message");

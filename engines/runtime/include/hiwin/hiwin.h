@@ -84,6 +84,8 @@ typedef struct hiwin_options {
                               Pillow >= 13 runs the vertical pass first when the height shrinks by
                               more than twice as many pixels as the width) or HIWIN_RESIZE_PILLOW12
                               (Pillow <= 12: always horizontal first). Match the reference's Pillow. */
+  int num_threads;         /* hiwin_prepare_file/_memory: 1 = the calling thread only; 0 (default) = JPEG
+                              decoding overlaps the resizes on one more thread when the CPU has > 1 */
 } hiwin_options;
 
 #define HIWIN_RESIZE_PILLOW13 0
@@ -142,6 +144,12 @@ HIWIN_API hiwin_status* hiwin_plan_slices(const hiwin_context* ctx, int width, i
  * context's). */
 HIWIN_API hiwin_status* hiwin_prepare(const hiwin_context* ctx, const hiwin_image* image, int max_slices,
                                       hiwin_prepared** out);
+/* Decode + prepare in one call (the same result as hiwin_image_decode_* then hiwin_prepare, faster:
+ * with num_threads != 1 a JPEG's rows are resized as they are decoded, on a second thread). */
+HIWIN_API hiwin_status* hiwin_prepare_file(const hiwin_context* ctx, const char* path, int max_slices,
+                                           hiwin_prepared** out);
+HIWIN_API hiwin_status* hiwin_prepare_memory(const hiwin_context* ctx, const void* data, size_t size, int max_slices,
+                                             hiwin_prepared** out);
 HIWIN_API void hiwin_prepared_free(hiwin_prepared* prepared);
 HIWIN_API hiwin_status* hiwin_prepared_plan(const hiwin_prepared* prepared, hiwin_plan* out);
 

@@ -108,6 +108,17 @@ class Context {
     check(hiwin_prepare(p_.get(), img.get(), max_slices, &p));
     return Prepared(p);
   }
+  // decode + prepare in one call (overlapped on a second thread for JPEG unless num_threads == 1)
+  Prepared prepare_file(const std::string& path, int max_slices = 0) const {
+    hiwin_prepared* p = nullptr;
+    check(hiwin_prepare_file(p_.get(), path.c_str(), max_slices, &p));
+    return Prepared(p);
+  }
+  Prepared prepare_memory(const void* data, size_t size, int max_slices = 0) const {
+    hiwin_prepared* p = nullptr;
+    check(hiwin_prepare_memory(p_.get(), data, size, max_slices, &p));
+    return Prepared(p);
+  }
   std::pair<int, int> bucket(int width_patches, int height_patches) const {
     int oh = 0, ow = 0;
     check(hiwin_bucket_for(p_.get(), width_patches, height_patches, &oh, &ow));
