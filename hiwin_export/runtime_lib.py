@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     w, h = r["size"]
     print(f"decode + preprocessing of {Path(a.image).name} ({w}x{h}), best of {a.repeats} (python: Pillow + numpy, "
           f"one thread; c++: hiwin_runtime; {r['cpu_count']} CPUs)")
-    print(f"{"stage":<42}{'python s':>10}{'c++ s':>10}{'speed-up':>10}")
+    print(f"{'stage':<42}{'python s':>10}{'c++ s':>10}{'speed-up':>10}")
     rows = [("decode", "decode_s", "decode_s"), ("preprocess (plan, resizes, crops, norm)", "prepare_s", "prepare_s"),
             ("total, c++ two steps, one thread", "total_s", "total_s"),
             ("total, c++ hiwin_prepare_memory", "total_s", "one_call_s")]
