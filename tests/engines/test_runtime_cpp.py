@@ -77,6 +77,7 @@ def test_golden_bit_exact(release, data):
     assert got["crops"] == counts["crops"]  # every crop's RGB bytes and float32 tensor bits
     assert got["errors"] == counts["errors"]  # the same refusals (extreme aspect ratios, ...)
     assert got["image plans"] + counts["errors"] == counts["images"]
+    assert got["one-call prepares"] == counts["images"]  # hiwin_prepare_file (threaded JPEG path) == two steps
     assert got["visual tokens"] == got["image plans"]  # hiwin_encode_image's crop chain + layout == CropChain's
     assert got["size plans"] == counts["sizes"] == 10_000
     assert got["layouts"] > 0 and got["prompt tables"] == 60 and got["buckets"] == 1600
