@@ -397,6 +397,8 @@ std::unique_ptr<hiwin_prepared> prepare_bytes(const hiwin_context* ctx, const ui
   std::unique_ptr<hiwin::StreamedResize> rf;
   if (plan.cols) rf.reset(new hiwin::StreamedResize(st.w, st.h, plan.refined_w, plan.refined_h, order13));
   const size_t stride = static_cast<size_t>(st.w) * 3;
+  std::vector<int32_t> planes(stride);
+  int32_t* pl[3] = {planes.data(), planes.data() + st.w, planes.data() + 2 * static_cast<size_t>(st.w)};
   for (int y = 0; y < st.h;) {
     int avail;
     {
@@ -406,9 +408,9 @@ std::unique_ptr<hiwin_prepared> prepare_bytes(const hiwin_context* ctx, const ui
     }
     if (avail <= y) break;  // the decoder stopped early: its error comes from finish_decode
     for (; y < avail; ++y) {
-      const uint8_t* row = st.rgb.data() + stride * y;
-      if (ov.streamable()) ov.push_row(y, row);
-      if (rf && rf->streamable()) rf->push_row(y, row);
+      hiwin::split_planes(st.rgb.data() + stride * y, st.w, pl);  // once for both resizes
+      if (ov.streamable()) ov.push_planes(y, pl);
+      if (rf && rf->streamable()) rf->push_planes(y, pl);
     }
   }
   finish_decode();

@@ -66,6 +66,7 @@ struct BucketRule {
 // --- resampling (resample.cpp) -------------------------------------------------------------
 // Pillow Image.resize(size, BICUBIC) of an RGB image, bit for bit.
 Rgb8 resize_bicubic(const Rgb8& in, int out_w, int out_h, bool pillow13_order = true);
+void split_planes(const uint8_t* rgb_row, int w, int32_t* const* planes);
 Rgb8 crop(const Rgb8& in, int left, int top, int w, int h);
 
 // resize_bicubic fed row by row (rows in order, as they are decoded): the horizontal pass runs per
@@ -76,6 +77,8 @@ class StreamedResize {
   ~StreamedResize();
   bool streamable() const { return streamable_; }
   void push_row(int y, const uint8_t* rgb_row);  // y = 0, 1, ... (rows outside the used band are skipped)
+  // the same from the row already split into planar int32 channels (r, g, b: in_w values each)
+  void push_planes(int y, int32_t* const* planes);
   Rgb8 finish();
 
  private:

@@ -206,15 +206,25 @@ StreamedResize::StreamedResize(int in_w, int in_h, int out_w, int out_h, bool pi
 
 StreamedResize::~StreamedResize() { delete impl_; }
 
-void StreamedResize::push_row(int y, const uint8_t* src) {
-  Impl& m = *impl_;
-  if (y < m.first || y >= m.last) return;
-  int32_t* pl[3] = {m.planes.data(), m.planes.data() + m.in_w, m.planes.data() + 2 * static_cast<size_t>(m.in_w)};
-  for (int x = 0; x < m.in_w; ++x) {
+void split_planes(const uint8_t* src, int w, int32_t* const* pl) {
+  for (int x = 0; x < w; ++x) {
     pl[0][x] = src[3 * x];
     pl[1][x] = src[3 * x + 1];
     pl[2][x] = src[3 * x + 2];
   }
+}
+
+void StreamedResize::push_row(int y, const uint8_t* src) {
+  Impl& m = *impl_;
+  if (y < m.first || y >= m.last) return;
+  int32_t* pl[3] = {m.planes.data(), m.planes.data() + m.in_w, m.planes.data() + 2 * static_cast<size_t>(m.in_w)};
+  split_planes(src, m.in_w, pl);
+  push_planes(y, pl);
+}
+
+void StreamedResize::push_planes(int y, int32_t* const* pl) {
+  Impl& m = *impl_;
+  if (y < m.first || y >= m.last) return;
   hrow(pl, m.tmp.data.data() + static_cast<size_t>(y - m.first) * m.out_w * 3, m.ch.bounds.data(), m.ch.k.data(),
        m.ch.ksize, m.out_w);
 }
