@@ -188,9 +188,10 @@ HIWIN_API hiwin_status* hiwin_prompt_table_ids(const int64_t* pre, size_t num_pr
 
 /* ---------------------------------------------------------------------------- vision engines */
 /* Visual tokens (T, hidden) float32 of a prepared image in the released layout, through the context's
- * TensorRT engines (ViT, JBU, projector per bucket), with the LLM's separator embeddings newline and
- * comma (hidden floats each, caller-owned). tokens is caller-owned, capacity in floats; *count = T*hidden.
- * HIWIN_UNSUPPORTED without a TensorRT backend. */
+ * vision engines (TensorRT, or a hiwin_vision_backend): one ViT / JBU / projector batch per shape
+ * group, tokens laid out with hiwin_layout_indices and the LLM's separator embeddings newline and
+ * comma (hidden floats each, caller-owned). tokens is caller-owned, capacity in floats; *count =
+ * T*hidden. HIWIN_UNSUPPORTED when the context has no vision engines. */
 HIWIN_API hiwin_status* hiwin_encode_image(hiwin_context* ctx, const hiwin_prepared* prepared,
                                            const float* newline, const float* comma, float* tokens,
                                            size_t capacity, size_t* count);
