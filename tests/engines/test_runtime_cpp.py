@@ -53,6 +53,7 @@ def release():
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
+    pytest.importorskip("skimage", reason="needs scikit-image (its bundled photos; in the `test` extra)")
     root = tmp_path_factory.mktemp("runtime_golden")
     cases = runtime_golden.write_images(root / "img")
     counts = runtime_golden.write_golden(root / "golden", cases)
