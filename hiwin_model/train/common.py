@@ -72,8 +72,10 @@ def wrap_ddp(module: nn.Module, d: Dist) -> nn.Module:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
+    # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets instead of beside
+    # them (saves 4 bytes per trainable parameter; the same numbers).
     return DistributedDataParallel(module, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                                   find_unused_parameters=True)
+                                   find_unused_parameters=True, gradient_as_bucket_view=True)
 
 
 # ---------------------------------------------------------------------------- data

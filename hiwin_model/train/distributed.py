@@ -5,8 +5,9 @@ Strategies (``StageArgs.strategy`` / ``hiwin train --strategy``):
 * ``ddp``: every rank holds the whole model, its gradients and the optimizer state
   (:func:`.common.wrap_ddp`); right for models that fit one device several times over.
 * ``fsdp``: PyTorch's FSDP2 (:func:`torch.distributed.fsdp.fully_shard`). Each Llama decoder
-  layer is its own shard group (all-gathered just before it runs, freed right after), the rest of
-  the model (CLIP, JBU, projector, embeddings, LM head) is the root group (:func:`shard_blocks`
+  layer is its own shard group (all-gathered just before it runs, freed right after), so is the
+  final norm with the LM head; the rest of the model (CLIP, JBU, projector, token embeddings) is the
+  root group (:func:`shard_blocks`
   says why CLIP cannot be split per block). Parameters,
   gradients and AdamW state are split over the ranks; the optimizer only ever sees the trainable
   shards. With ``compute_dtype=bf16`` the sharded parameters stay fp32 (the master weights the
@@ -118,6 +119,10 @@ def apply_fsdp(root: nn.Module, model, *, compute_dtype: torch.dtype = torch.flo
             checkpoint(b)
     for b in shard_blocks(model):
         fully_shard(b, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    # The final norm and the LM head run once per micro-batch too: one unit (not kept gathered
+    # through the step as the root's parameters are). Not resharded after forward: backward needs
+    # them right away.
+    fully_shard([model.llm.model.norm, model.llm.lm_head], mp_policy=mp, reshard_after_forward=False)
     fully_shard(root, mp_policy=mp, reshard_after_forward=reshard_after_forward, ignored_params=scalars)
     return root
 

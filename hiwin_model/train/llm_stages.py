@@ -135,6 +135,10 @@ def _load_fsdp(args: StageArgs, d: Dist, compute_dtype: torch.dtype):
     root.to_empty(device=d.device)
     broadcast_into_sharded(model, full)
     del full
+    with torch.no_grad():  # the frozen 0-d JBU scalars stay outside FSDP: give them the compute dtype
+        for p in model.parameters():
+            if p.dim() == 0:
+                p.data = p.data.to(compute_dtype)
     params = trainable_parameters(model, args.stage)
     return model, root, params
 
