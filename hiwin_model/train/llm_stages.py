@@ -103,7 +103,15 @@ class _LossModule(nn.Module):
         eos = m.processor.tokenizer.eos_token or "</s>"
         return build_sequence(m, self.template.segments(list(turns), eos), visual, self.max_length)
 
+    autocast: torch.dtype | None = None  # LoRA on a bf16 base: fp32 trainables, bf16 compute
+
     def forward(self, samples: list[dict]) -> torch.Tensor:
+        if self.autocast is not None:
+            with torch.autocast(device_type=self.model.device.type, dtype=self.autocast):
+                return self._loss(samples)
+        return self._loss(samples)
+
+    def _loss(self, samples: list[dict]) -> torch.Tensor:
         embeds, mask, labels = pad_batch([self.sequence(s) for s in samples])
         return self.model.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
 
@@ -153,6 +161,10 @@ def _load_replicated(args: StageArgs, d: Dist, dtype: torch.dtype):
         add_lora(model, args.lora)
         model.to(d.device)
         params = lora_trainable(model)
+        if dtype != torch.float32:  # the frozen base stays in bf16; what trains keeps fp32 weights
+            with torch.no_grad():
+                for p in params:
+                    p.data = p.data.float()
     else:
         params = trainable_parameters(model, args.stage)
     if args.activation_checkpointing:
@@ -163,6 +175,8 @@ def _load_replicated(args: StageArgs, d: Dist, dtype: torch.dtype):
         for b in checkpoint_blocks(model):
             checkpoint(b)
     root = _LossModule(model, args.stage, Path(args.image_folder), args.max_slices, args.max_length)
+    if args.lora is not None and dtype != torch.float32:
+        root.autocast = dtype
     return model, root, params
 
 

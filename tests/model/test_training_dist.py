@@ -201,21 +201,29 @@ def test_lora_merge_gives_the_adapter_logits(tiny_dir, tmp_path):
     assert torch.equal(again, merged)
 
 
-def test_lora_stage2_trains_and_saves_the_official_layout(tiny_dir, tmp_path):
+def test_lora_stage2_trains_resumes_and_saves_the_official_layout(tiny_dir, tmp_path):
+    """LoRA stage 2: 4 steps with a sharded checkpoint at step 2; resuming from it replays steps 3-4
+    bit for bit (one process, deterministic); the merged model is the official layout."""
     from hiwin_model.model import HiwinForCausalLM
     from hiwin_model.train.lora import LoraSpec
 
     data = write_training_data(tmp_path / "data", n=4)
+    kw = dict(stage=2, model=str(tiny_dir), data=str(data / "sft.json"), image_folder=str(data / "images"), steps=4,
+              max_slices=1, lr=1e-2, log_every=100, lora=LoraSpec(r=4, alpha=8), save_every=2, deterministic=True,
+              checkpoint_dir=str(tmp_path / "ckpts"))
     out = tmp_path / "lora"
-    losses = train_stage(StageArgs(stage=2, model=str(tiny_dir), data=str(data / "sft.json"),
-                                   image_folder=str(data / "images"), output=str(out), steps=3, max_slices=1,
-                                   lr=1e-2, log_every=100, lora=LoraSpec(r=4, alpha=8)))
-    assert len(losses) == 3
+    losses = train_stage(StageArgs(output=str(out), **kw))
+    assert (tmp_path / "ckpts" / "latest").read_text().strip() == "step-000002"
+    resumed = train_stage(StageArgs(output=str(tmp_path / "lora2"), resume=True, **kw))
+    assert len(losses) == 4 and resumed == losses[2:]
     m, base = HiwinForCausalLM.from_pretrained(out), HiwinForCausalLM.from_pretrained(tiny_dir)
     sm, sb = m.state_dict(), base.state_dict()
     assert sm.keys() == sb.keys()  # merged: no adapter keys left
-    assert not torch.equal(sm["llm.model.layers.0.self_attn.q_proj.weight"], sb["llm.model.layers.0.self_attn.q_proj.weight"])
+    q = "llm.model.layers.0.self_attn.q_proj.weight"
+    assert not torch.equal(sm[q], sb[q])
     assert torch.equal(sm["llm.model.embed_tokens.weight"], sb["llm.model.embed_tokens.weight"])  # not adapted
-    assert torch.equal(sm["vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"],
-                       sb["vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"])  # CLIP frozen
+    fc1 = "vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
+    assert torch.equal(sm[fc1], sb[fc1])  # CLIP frozen without lora.vision
     assert not torch.equal(sm["projector.proj"], sb["projector.proj"])  # projector fully trained
+    m2 = HiwinForCausalLM.from_pretrained(tmp_path / "lora2").state_dict()
+    assert all(torch.equal(sm[k], m2[k]) for k in sm)  # the resumed run ends with the same weights
