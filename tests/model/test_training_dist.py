@@ -107,7 +107,7 @@ def test_fsdp_killed_and_resumed_matches_single_process(runs):
 
 
 @pytest.mark.slow
-def test_fsdp_final_model_loads_and_matches(runs, tiny_dir):
+def test_fsdp_final_model_loads_exports_and_matches(runs, tiny_dir, tmp_path):
     """The gathered final weights load strictly with from_pretrained and give the single-process run's
     logits (same tolerance); frozen parts are bit-identical to the base model."""
     from hiwin_model.model import HiwinForCausalLM
@@ -126,6 +126,13 @@ def test_fsdp_final_model_loads_and_matches(runs, tiny_dir):
     with torch.no_grad():
         la, lb = a.llm(ids).logits, b.llm(ids).logits
     assert float((la - lb).abs().max()) <= RTOL * float(lb.abs().max())
+    # The exporter takes it (the smallest graph, to stay fast: the token embedding table, which
+    # stage 2 trained), with its parity check against this model passing.
+    from hiwin_export.export import export_model
+
+    manifest = export_model(a, tmp_path / "export", graphs=["embed"], bundles=False, parity="quick",
+                            precisions=("fp32",))
+    assert manifest["parity"]["fp32"]["embed"]["ok"]
 
 
 def _comparable(sa, sb):
