@@ -61,8 +61,8 @@ def plan_rows(s: Sizes = Sizes(), world: int = 8, lora_r: int = 128) -> list[tup
                                               "all sharded)", 16 * n / world),
         (f"FSDP2 bf16 on {world} GPUs, + gathered units",
          "+ root unit (CLIP, projector, embeddings: 0.59 B) in bf16, its bf16 grads and fp32 reduce buffer "
-         "(2 + 2 + 4 B) + 2 Llama layers in flight (2 x 0.2 B x 2 B)",
-         16 * n / world + 8 * 0.59e9 + 2 * 0.2024e9 * 2),
+         "(2 + 2 + 4 B) + LM-head unit (0.13 B x 8 B) + 2 Llama layers in flight (2 x 0.2 B x 2 B)",
+         16 * n / world + 8 * 0.59e9 + 8 * 0.131e9 + 2 * 0.2024e9 * 2),
         (f"LoRA r={lora_r}, 1 GPU, bf16 base", f"2 B x {n / 1e9:.2f} B frozen + 16 B x {trained_lora / 1e6:.0f} M "
                                                "trained (adapters, projector, fixup)", 2 * n + 16 * trained_lora),
     ]
