@@ -6,9 +6,14 @@
 * Stage 2: LLM + projector + CLIP + the JBU stack's ``fixup_proj`` train; slices (max 7);
   ``vicuna_v1`` template, loss on the assistant's answers only; writes a full HF directory.
 
-Both resume from ``trainer_state.pt`` in the output directory (``--resume``). With
-``deterministic=True`` (CPU, one process) a resumed run continues bit for bit as the uninterrupted
-run would have; see :mod:`.common` for the exact guarantee.
+Strategies (docs/training.md): ``ddp`` (replicas; resumes from ``trainer_state.pt`` in the output
+directory) and ``fsdp`` (FSDP2 sharding, :mod:`.distributed`; resumes from sharded checkpoints in
+``<output>.checkpoints``); stage 2 can train LoRA adapters instead (:mod:`.lora`). Every strategy
+reads the same global batches (``global_batches`` / ``micro_batches``: the data position is the
+step) and seeds dropout per global micro-batch, so W ranks x A micro-batches compute what one
+process with W x A accumulated micro-batches computes. With ``deterministic=True`` (CPU) a resumed
+run continues bit for bit as the uninterrupted run would have (one process), and FSDP matches one
+process up to the order of floating-point additions; see :mod:`.common` and docs/training.md.
 """
 
 from __future__ import annotations

@@ -53,6 +53,14 @@ def _torchrun(args: list[str], log: Path, port: int) -> subprocess.Popen:
     return subprocess.Popen(cmd, stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _losses(path: Path) -> list[float]:
     """Step losses from a --loss-log file; a step logged twice (killed run, then resumed) keeps the last."""
     by_step = {}
@@ -75,8 +83,7 @@ def runs(tiny_dir, data, tmp_path_factory):
     losses = tmp / "fsdp.jsonl"
     args = _stage2_args(tiny_dir, data, fsdp) + ["--strategy", "fsdp", "--save-every", "2",
                                                  "--loss-log", str(losses)]
-    port = 29500 + os.getpid() % 500
-    p = _torchrun(args, tmp / "killed.log", port)
+    p = _torchrun(args, tmp / "killed.log", _free_port())
     latest = Path(f"{fsdp}.checkpoints") / "latest"
     deadline = time.monotonic() + 300
     while not latest.exists():
@@ -89,7 +96,7 @@ def runs(tiny_dir, data, tmp_path_factory):
     p.wait()
     killed_at = latest.read_text().strip()
     assert not fsdp.exists(), "the run finished before the kill: nothing was resumed"
-    r = _torchrun(args + ["--resume"], tmp / "resumed.log", port + 1)
+    r = _torchrun(args + ["--resume"], tmp / "resumed.log", _free_port())
     assert r.wait(timeout=300) == 0, (tmp / "resumed.log").read_text()[-3000:]
     return dict(ref=ref, single=single, fsdp=fsdp, fsdp_losses=_losses(losses), killed_at=killed_at,
                 resumed_log=(tmp / "resumed.log").read_text())
@@ -234,3 +241,14 @@ def test_lora_stage2_trains_resumes_and_saves_the_official_layout(tiny_dir, tmp_
     assert not torch.equal(sm["projector.proj"], sb["projector.proj"])  # projector fully trained
     m2 = HiwinForCausalLM.from_pretrained(tmp_path / "lora2").state_dict()
     assert all(torch.equal(sm[k], m2[k]) for k in sm)  # the resumed run ends with the same weights
+
+
+def test_bad_combinations_are_refused(tiny_dir, tmp_path):
+    from hiwin_model.train.lora import LoraSpec
+
+    kw = dict(model=str(tiny_dir), data=str(tmp_path / "none.json"), image_folder=str(tmp_path),
+              output=str(tmp_path / "o"), steps=1)
+    with pytest.raises(ValueError, match="LoRA applies to stage 2"):
+        train_stage(StageArgs(stage=1, lora=LoraSpec(r=4), **kw))
+    with pytest.raises(ValueError, match="grad_accum"):
+        train_stage(StageArgs(stage=2, grad_accum=0, **kw))
