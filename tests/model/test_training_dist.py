@@ -252,3 +252,17 @@ def test_bad_combinations_are_refused(tiny_dir, tmp_path):
         train_stage(StageArgs(stage=1, lora=LoraSpec(r=4), **kw))
     with pytest.raises(ValueError, match="grad_accum"):
         train_stage(StageArgs(stage=2, grad_accum=0, **kw))
+
+
+def test_sharded_checkpoint_refuses_other_world_and_incomplete(tmp_path):
+    from hiwin_model.train.distributed import ShardedCheckpoint
+
+    ck = ShardedCheckpoint(tmp_path, Dist(0, 1))
+    assert ck.latest() is None  # nothing saved yet: start from step 0
+    (tmp_path / "step-000004").mkdir()
+    (tmp_path / "latest").write_text("step-000004\n")
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        ck.latest()
+    (tmp_path / "step-000004" / "trainer.json").write_text(json.dumps({"step": 4, "world": 2, "scheduler": None}))
+    with pytest.raises(ValueError, match="saved with 2 ranks, resuming with 1"):
+        ck.load(ck.latest(), torch.nn.Linear(2, 2), None, None)
