@@ -186,7 +186,9 @@ def _load_replicated(args: StageArgs, d: Dist, dtype: torch.dtype):
 
 
 def train_stage(args: StageArgs) -> list[float]:
-    from .distributed import ShardedCheckpoint, choose_strategy, gather_full_state
+    import torch.distributed as dist
+
+    from .distributed import choose_strategy
 
     if args.grad_accum < 1:
         raise ValueError(f"grad_accum must be >= 1, got {args.grad_accum}")
@@ -202,6 +204,20 @@ def train_stage(args: StageArgs) -> list[float]:
     strategy = choose_strategy(args.strategy, d, *_param_counts(args))
     if strategy == "fsdp" and args.lora is not None:
         raise ValueError("LoRA runs with --strategy ddp (one GPU or replicated adapters), not fsdp")
+    own_group = strategy == "fsdp" and not dist.is_initialized()
+    if own_group:  # FSDP on one process without torchrun: a 1-rank group of its own
+        dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+    try:
+        return _train(args, d, data, dtype, strategy)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _train(args: StageArgs, d: Dist, data: list[dict], dtype: torch.dtype, strategy: str) -> list[float]:
+    from .distributed import ShardedCheckpoint, gather_full_state
+
     out = Path(args.output)
     sharded = strategy == "fsdp" or args.lora is not None
     ckpt = ShardedCheckpoint(args.checkpoint_dir or f"{out}.checkpoints", d, args.keep_checkpoints) if sharded else None

@@ -266,3 +266,20 @@ def test_sharded_checkpoint_refuses_other_world_and_incomplete(tmp_path):
     (tmp_path / "step-000004" / "trainer.json").write_text(json.dumps({"step": 4, "world": 2, "scheduler": None}))
     with pytest.raises(ValueError, match="saved with 2 ranks, resuming with 1"):
         ck.load(ck.latest(), torch.nn.Linear(2, 2), None, None)
+
+
+def test_fsdp_in_one_process_matches_ddp(tiny_dir, tmp_path):
+    """--strategy fsdp without torchrun (a 1-rank group of its own, removed afterwards; fp32, with
+    activation checkpointing) gives the replicated run's losses within RTOL; the gathered model loads."""
+    import torch.distributed as dist
+
+    from hiwin_model.model import HiwinForCausalLM
+
+    data = write_training_data(tmp_path / "data", n=4)
+    kw = dict(stage=2, model=str(tiny_dir), data=str(data / "sft.json"), image_folder=str(data / "images"), steps=2,
+              max_slices=1, lr=1e-3, log_every=100, deterministic=True)
+    a = train_stage(StageArgs(output=str(tmp_path / "fsdp"), strategy="fsdp", **kw))
+    assert not dist.is_initialized()
+    b = train_stage(StageArgs(output=str(tmp_path / "ddp"), strategy="ddp", **kw))
+    assert max(abs(x - y) / abs(y) for x, y in zip(a, b)) <= RTOL, (a, b)
+    HiwinForCausalLM.from_pretrained(tmp_path / "fsdp")
