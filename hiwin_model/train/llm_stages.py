@@ -201,7 +201,10 @@ def train_stage(args: StageArgs) -> list[float]:
     torch.manual_seed(args.seed + d.rank)
     data = read_json_list(args.data)
     dtype = parse_dtype(args.dtype)
-    strategy = choose_strategy(args.strategy, d, *_param_counts(args))
+    if args.lora is not None and args.strategy == "auto":
+        strategy = "ddp"  # adapters are small: replicas (one GPU, or DDP over several)
+    else:
+        strategy = choose_strategy(args.strategy, d, *_param_counts(args))
     if strategy == "fsdp" and args.lora is not None:
         raise ValueError("LoRA runs with --strategy ddp (one GPU or replicated adapters), not fsdp")
     own_group = strategy == "fsdp" and not dist.is_initialized()

@@ -14,6 +14,7 @@ because every kernel runs single-threaded in a fixed order.
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import subprocess
@@ -283,3 +284,26 @@ def test_fsdp_in_one_process_matches_ddp(tiny_dir, tmp_path):
     b = train_stage(StageArgs(output=str(tmp_path / "ddp"), strategy="ddp", **kw))
     assert max(abs(x - y) / abs(y) for x, y in zip(a, b)) <= RTOL, (a, b)
     HiwinForCausalLM.from_pretrained(tmp_path / "fsdp")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (the nccl / bf16-on-GPU paths)")
+def test_cuda_fsdp_bf16_resume_and_lora(tiny_dir, tmp_path):
+    """On a GPU: FSDP2 bf16 in one process (nccl 1-rank group), a checkpoint at step 2, resume
+    from it (steps 3-4 close to the uninterrupted run: bf16 on CUDA is not bitwise reproducible),
+    and LoRA on a bf16 base with activation checkpointing; both outputs load."""
+    from hiwin_model.model import HiwinForCausalLM
+    from hiwin_model.train.lora import LoraSpec
+
+    data = write_training_data(tmp_path / "data", n=4)
+    kw = dict(stage=2, model=str(tiny_dir), data=str(data / "sft.json"), image_folder=str(data / "images"), steps=4,
+              max_slices=2, lr=1e-3, log_every=100, device="cuda", dtype="bf16")
+    ck = str(tmp_path / "ck")
+    full = train_stage(StageArgs(output=str(tmp_path / "f"), strategy="fsdp", save_every=2, checkpoint_dir=ck, **kw))
+    again = train_stage(StageArgs(output=str(tmp_path / "f2"), strategy="fsdp", checkpoint_dir=ck, resume=True, **kw))
+    assert len(again) == 2 and max(abs(a - b) / abs(b) for a, b in zip(again, full[2:])) <= 1e-2, (again, full)
+    lora = train_stage(StageArgs(output=str(tmp_path / "l"), lora=LoraSpec(r=8, alpha=16),
+                                 activation_checkpointing=True, **kw))
+    assert all(map(math.isfinite, full + lora))
+    for d in ("f", "f2", "l"):
+        assert json.loads((tmp_path / d / "config.json").read_text())["torch_dtype"] == "bfloat16"
+        HiwinForCausalLM.from_pretrained(tmp_path / d)
