@@ -128,7 +128,8 @@ def cmd_train(args) -> int:
                           activation_checkpointing=args.activation_checkpointing,
                           checkpoint_dir=args.checkpoint_dir, keep_checkpoints=args.keep_checkpoints, lora=lora,
                           loss_log=args.loss_log, tf32=not args.no_tf32, deterministic=args.deterministic,
-                          warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay))
+                          warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
+                          projector_lr=args.projector_lr))
     return 0
 
 
@@ -202,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
                     help="recompute each CLIP / Llama block in backward (default: on with fsdp)")
     tr.add_argument("--checkpoint-dir", default=None, help="sharded checkpoints (default OUTPUT.checkpoints)")
     tr.add_argument("--keep-checkpoints", type=int, default=2)
+    tr.add_argument("--projector-lr", type=float, default=None, help="stage2: the projector's own lr (default --lr)")
     tr.add_argument("--warmup-ratio", type=float, default=0.03)
     tr.add_argument("--weight-decay", type=float, default=0.0)
     tr.add_argument("--lora-r", type=int, default=0, help="stage2: LoRA rank (0: full fine-tune)")

@@ -48,6 +48,7 @@ class StageArgs:
     steps: int | None = None  # default: one epoch
     batch_size: int = 1
     lr: float | None = None
+    projector_lr: float | None = None  # default: lr
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_length: int = 4096
@@ -243,7 +244,13 @@ def _train(args: StageArgs, d: Dist, data: list[dict], dtype: torch.dtype, strat
     global_batch = d.world * args.grad_accum * args.batch_size
     steps = args.steps or max(1, -(-len(data) // global_batch))
     lr = args.lr if args.lr is not None else (1e-3 if args.stage == 1 else 2e-5)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    if args.projector_lr is not None:  # LLaVA's LoRA recipe: 2e-4 for the adapters, 2e-5 for the projector
+        proj = {id(p) for p in model.projector.parameters()}
+        groups = [{"params": [p for p in params if id(p) not in proj]},
+                  {"params": [p for p in params if id(p) in proj], "lr": args.projector_lr}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=args.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
     sched = cosine_with_warmup(opt, steps, args.warmup_ratio)
     start = 0
     if args.resume and sharded:

@@ -224,8 +224,8 @@ def test_lora_stage2_trains_resumes_and_saves_the_official_layout(tiny_dir, tmp_
 
     data = write_training_data(tmp_path / "data", n=4)
     kw = dict(stage=2, model=str(tiny_dir), data=str(data / "sft.json"), image_folder=str(data / "images"), steps=4,
-              max_slices=1, lr=1e-2, log_every=100, lora=LoraSpec(r=4, alpha=8), save_every=2, deterministic=True,
-              checkpoint_dir=str(tmp_path / "ckpts"))
+              max_slices=1, lr=1e-2, projector_lr=1e-3, log_every=100, lora=LoraSpec(r=4, alpha=8), save_every=2,
+              deterministic=True, checkpoint_dir=str(tmp_path / "ckpts"))
     out = tmp_path / "lora"
     losses = train_stage(StageArgs(output=str(out), **kw))
     assert (tmp_path / "ckpts" / "latest").read_text().strip() == "step-000002"
