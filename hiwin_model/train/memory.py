@@ -183,7 +183,8 @@ def measure(width: str, llm_layers: int, steps: int, port: int) -> list[dict]:
                    "--width", width, "--llm-layers", str(llm_layers), "--data", str(data), "--steps", str(steps),
                    "--out", str(out)]
             print(f"running {mode} on {ranks} rank(s) ...", file=sys.stderr, flush=True)
-            subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            subprocess.run(cmd, check=True, env=env)
             for r in range(ranks):
                 recs.append(json.loads(out.with_name(f"{out.name}.{mode}.rank{r}.json").read_text()))
     return recs
