@@ -32,8 +32,7 @@ from ..conversation import get_template
 from ..model import HiwinForCausalLM, parse_dtype
 from .common import (Dist, LoopConfig, atomic_torch_save, build_sequence, conversation_turns, cosine_with_warmup,
                      global_batches, load_trainer_state, micro_batch_seed, micro_batches, pad_batch, read_json_list,
-                     run_loop,
-                     setup_distributed, trainer_state, wrap_ddp)
+                     run_loop, setup_distributed, trainer_state, wrap_ddp)
 from .lora import LoraSpec
 
 log = logging.getLogger("hiwin.train")
