@@ -2,7 +2,8 @@
 
 Multi-GPU runs go through ``torchrun`` (``torch.distributed``: DDP here, FSDP2 in
 :mod:`.distributed`); a single process needs no launcher. Checkpoints are written atomically:
-model weights in the official layout, plus ``trainer_state.pt`` (optimizer, scheduler, step, RNG) read back with ``weights_only=True``.
+model weights in the official layout, plus ``trainer_state.pt`` (optimizer, scheduler, step, RNG)
+read back with ``weights_only=True``.
 
 Reproducibility (see :func:`deterministic_mode`): every stage seeds its RNGs from ``seed``, so two
 runs see the same data order, initialisation, dropout masks and jitters. Whether they also compute
