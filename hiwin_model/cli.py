@@ -4,7 +4,7 @@
   hiwin encode --model DIR --image FILE --out tokens.safetensors  visual tokens of one image
   hiwin make-tiny OUT                                          tiny random checkpoint (official layout)
   hiwin make-data OUT                                          generated images + LLaVA JSON
-  hiwin train stage0|stage1|stage2 ...                         the three training stages
+  hiwin train stage0|stage1|stage2 ...                         the three training stages (torchrun: ddp/fsdp)
   hiwin bench-vision [--width 1008 --height 672]               vision path at real dims: time, peak RSS
 
 Without ``--model``, ``generate`` uses the embedded tiny model (random weights: the answer is
@@ -113,12 +113,23 @@ def cmd_train(args) -> int:
     stage = 1 if args.stage == "stage1" else 2
     if not args.data or not args.image_folder:
         raise SystemExit(f"hiwin train {args.stage}: --data and --image-folder are required")
+    lora = None
+    if args.lora_r:
+        from .train.lora import LoraSpec
+
+        lora = LoraSpec(r=args.lora_r, alpha=args.lora_alpha if args.lora_alpha is not None else 2.0 * args.lora_r,
+                        dropout=args.lora_dropout, vision=args.lora_vision)
     train_stage(StageArgs(stage=stage, model=args.model, data=args.data, image_folder=args.image_folder,
                           output=args.output, steps=args.steps, batch_size=args.batch_size or 1, lr=args.lr,
                           max_length=args.max_length, max_slices=args.max_slices or 7,
                           projector_weights=args.projector_weights, dtype=args.dtype, seed=args.seed,
                           resume=args.resume, log_every=args.log_every, save_every=args.save_every,
-                          device=args.device))
+                          device=args.device, strategy=args.strategy, grad_accum=args.grad_accum,
+                          activation_checkpointing=args.activation_checkpointing,
+                          checkpoint_dir=args.checkpoint_dir, keep_checkpoints=args.keep_checkpoints, lora=lora,
+                          loss_log=args.loss_log, tf32=not args.no_tf32, deterministic=args.deterministic,
+                          warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
+                          projector_lr=args.projector_lr))
     return 0
 
 
@@ -178,12 +189,31 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--crf-samples", type=int, default=1000, help="stage0: pixels sampled by the CRF loss")
     tr.add_argument("--max-length", type=int, default=4096)
     tr.add_argument("--max-slices", type=int, default=None)
-    tr.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"])
+    tr.add_argument("--dtype", default="fp32", choices=["fp32", "bf16"],
+                    help="ddp: weights and compute; fsdp: compute (fp32 master weights) and the saved model")
     tr.add_argument("--device", default=None)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--resume", action="store_true")
     tr.add_argument("--log-every", type=int, default=10)
     tr.add_argument("--save-every", type=int, default=0)
+    tr.add_argument("--strategy", default="auto", choices=["auto", "ddp", "fsdp"],
+                    help="stage1/2: ddp replicas or FSDP2 sharding (auto: fsdp when a replica would not fit)")
+    tr.add_argument("--grad-accum", type=int, default=1, help="micro-batches per optimizer step")
+    tr.add_argument("--activation-checkpointing", action=argparse.BooleanOptionalAction, default=None,
+                    help="recompute each CLIP / Llama block in backward (default: on with fsdp)")
+    tr.add_argument("--checkpoint-dir", default=None, help="sharded checkpoints (default OUTPUT.checkpoints)")
+    tr.add_argument("--keep-checkpoints", type=int, default=2)
+    tr.add_argument("--projector-lr", type=float, default=None, help="stage2: the projector's own lr (default --lr)")
+    tr.add_argument("--warmup-ratio", type=float, default=0.03)
+    tr.add_argument("--weight-decay", type=float, default=0.0)
+    tr.add_argument("--lora-r", type=int, default=0, help="stage2: LoRA rank (0: full fine-tune)")
+    tr.add_argument("--lora-alpha", type=float, default=None, help="default 2 x rank")
+    tr.add_argument("--lora-dropout", type=float, default=0.05)
+    tr.add_argument("--lora-vision", action="store_true", help="stage2 LoRA: adapters on CLIP too")
+    tr.add_argument("--loss-log", default=None, help="append {step, loss, lr} JSON lines here (rank 0)")
+    tr.add_argument("--no-tf32", action="store_true", help="CUDA: keep fp32 matmuls exact")
+    tr.add_argument("--deterministic", action="store_true",
+                    help="one CPU thread, deterministic kernels: reproducible losses (slower)")
     tr.set_defaults(func=cmd_train)
     return ap
 

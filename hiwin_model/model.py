@@ -22,7 +22,7 @@ from hiwin_runtime.crop_chain import BatchPolicy, CropChain, Stages
 
 from .arrays import TORCH_OPS
 from .checkpoint import (CheckpointError, _torch_load, atomic_directory, ignored_reason, load_into,
-                         official_state_dict, read_official, save_sharded, to_ours)
+                         official_state_dict, read_official, save_sharded, to_official, to_ours)
 from .config import HiwinConfig, llama_config
 from .image import ImageSource
 from .jbu import JBUStack
@@ -261,14 +261,21 @@ class HiwinForCausalLM(HiwinVision):
                   device=self.device)
 
     def save_pretrained(self, path: str | os.PathLike, *, overwrite: bool = False,
-                        max_shard_bytes: int = 4 << 30, extra: Callable[[Path], None] | None = None) -> Path:
+                        max_shard_bytes: int = 4 << 30, extra: Callable[[Path], None] | None = None,
+                        state_dict: dict[str, Tensor] | None = None) -> Path:
         """Write config.json, safetensors shards + index (official key names) and the tokenizer,
-        atomically (a temp directory renamed into place); ``extra(tmpdir)`` adds more files."""
+        atomically (a temp directory renamed into place); ``extra(tmpdir)`` adds more files.
+        ``state_dict`` (our key names) replaces the module's own tensors, e.g. the full weights a
+        sharded (FSDP) training run gathered onto one rank."""
         def write(tmp: Path) -> None:
             cfg = self.config.to_dict()
-            cfg["torch_dtype"] = str(self.dtype).replace("torch.", "")
+            dtype = self.dtype if state_dict is None else state_dict["projector.proj"].dtype
+            cfg["torch_dtype"] = str(dtype).replace("torch.", "")
             (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True))
-            save_sharded(official_state_dict(self), tmp, max_shard_bytes)
+            if state_dict is None:
+                save_sharded(official_state_dict(self), tmp, max_shard_bytes)
+            else:
+                save_sharded({to_official(k): v for k, v in state_dict.items()}, tmp, max_shard_bytes)
             if self.processor is not None:
                 self.processor.tokenizer.save_pretrained(str(tmp))
             if extra is not None:

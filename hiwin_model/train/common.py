@@ -1,8 +1,9 @@
 """Shared training machinery: data files, sequence building, the loop, DDP, checkpoints.
 
-Multi-GPU runs go through ``torchrun`` (``torch.distributed`` + DDP); a single process needs no
-launcher. Checkpoints are written atomically: model weights in the official layout, plus
-``trainer_state.pt`` (optimizer, scheduler, step, RNG) read back with ``weights_only=True``.
+Multi-GPU runs go through ``torchrun`` (``torch.distributed``: DDP here, FSDP2 in
+:mod:`.distributed`); a single process needs no launcher. Checkpoints are written atomically:
+model weights in the official layout, plus ``trainer_state.pt`` (optimizer, scheduler, step, RNG)
+read back with ``weights_only=True``.
 
 Reproducibility (see :func:`deterministic_mode`): every stage seeds its RNGs from ``seed``, so two
 runs see the same data order, initialisation, dropout masks and jitters. Whether they also compute
@@ -72,8 +73,10 @@ def wrap_ddp(module: nn.Module, d: Dist) -> nn.Module:
         return module
     from torch.nn.parallel import DistributedDataParallel
 
+    # gradient_as_bucket_view: the gradients live in DDP's all-reduce buckets instead of beside
+    # them (saves 4 bytes per trainable parameter; the same numbers).
     return DistributedDataParallel(module, device_ids=[d.device.index] if d.device.type == "cuda" else None,
-                                   find_unused_parameters=True)
+                                   find_unused_parameters=True, gradient_as_bucket_view=True)
 
 
 # ---------------------------------------------------------------------------- data
@@ -168,6 +171,43 @@ def sample_stream(n: int, d: Dist, seed: int, start_step: int, per_step: int) ->
         if step >= start_step:
             yield batch
         step += 1
+
+
+def global_batches(n: int, seed: int, start_step: int, per_step: int) -> Iterator[list[int]]:
+    """Endless global batches of ``per_step`` sample indices (the same on every rank), epochs
+    shuffled with ``seed + epoch``, resumable at ``start_step``: the data position is the step."""
+    epoch, pos, step = 0, 0, 0
+    order: list[int] = []
+    while True:
+        batch = []
+        while len(batch) < per_step:
+            if pos >= len(order):
+                order = list(range(n))
+                random.Random(seed + epoch).shuffle(order)
+                epoch, pos = epoch + 1, 0
+            batch.append(order[pos])
+            pos += 1
+        if step >= start_step:
+            yield batch
+        step += 1
+
+
+def micro_batches(global_batch: list[int], d: Dist, accum: int, batch_size: int) -> list[list[int]]:
+    """This rank's ``accum`` micro-batches of a global batch of ``world * accum * batch_size`` indices.
+
+    Micro-batch ``k`` of rank ``r`` is slice ``k * world + r``: one process with ``accum * world``
+    accumulation steps runs the same micro-batches, in the same order, as ``world`` ranks do together,
+    so the two compute the same mean of micro-batch losses and the same gradients (up to the order
+    of the floating-point additions)."""
+    if len(global_batch) != d.world * accum * batch_size:
+        raise ValueError(f"global batch of {len(global_batch)} != world {d.world} x accum {accum} x batch {batch_size}")
+    return [global_batch[(k * d.world + d.rank) * batch_size:(k * d.world + d.rank + 1) * batch_size]
+            for k in range(accum)]
+
+
+def micro_batch_seed(seed: int, step: int, micro: int) -> int:
+    """The RNG seed of global micro-batch ``micro`` of ``step``: the same whoever runs it."""
+    return ((seed * 1_000_003 + step) * 65_537 + micro) % (1 << 63)
 
 
 # ---------------------------------------------------------------------------- schedule

@@ -6,13 +6,20 @@
 * Stage 2: LLM + projector + CLIP + the JBU stack's ``fixup_proj`` train; slices (max 7);
   ``vicuna_v1`` template, loss on the assistant's answers only; writes a full HF directory.
 
-Both resume from ``trainer_state.pt`` in the output directory (``--resume``). With
-``deterministic=True`` (CPU, one process) a resumed run continues bit for bit as the uninterrupted
-run would have; see :mod:`.common` for the exact guarantee.
+Strategies (docs/training.md): ``ddp`` (replicas; resumes from ``trainer_state.pt`` in the output
+directory) and ``fsdp`` (FSDP2 sharding, :mod:`.distributed`; resumes from sharded checkpoints in
+``<output>.checkpoints``); stage 2 can train LoRA adapters instead (:mod:`.lora`). Every strategy
+reads the same global batches (``global_batches`` / ``micro_batches``: the data position is the
+step) and seeds dropout per global micro-batch, so W ranks x A micro-batches compute what one
+process with W x A accumulated micro-batches computes. With ``deterministic=True`` (CPU) a resumed
+run continues bit for bit as the uninterrupted run would have (one process), and FSDP matches one
+process up to the order of floating-point additions; see :mod:`.common` and docs/training.md.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +27,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..checkpoint import official_state_dict
+from ..checkpoint import official_state_dict, to_official
 from ..conversation import get_template
 from ..model import HiwinForCausalLM, parse_dtype
-from .common import (LoopConfig, build_sequence, conversation_turns, cosine_with_warmup, load_trainer_state,
-                     pad_batch, read_json_list, run_loop, sample_stream, atomic_torch_save, setup_distributed,
-                     trainer_state, wrap_ddp)
+from .common import (Dist, LoopConfig, atomic_torch_save, build_sequence, conversation_turns, cosine_with_warmup,
+                     global_batches, load_trainer_state, micro_batch_seed, micro_batches, pad_batch, read_json_list,
+                     run_loop, setup_distributed, trainer_state, wrap_ddp)
+from .lora import LoraSpec
 
 log = logging.getLogger("hiwin.train")
 
@@ -40,6 +48,7 @@ class StageArgs:
     steps: int | None = None  # default: one epoch
     batch_size: int = 1
     lr: float | None = None
+    projector_lr: float | None = None  # default: lr
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_length: int = 4096
@@ -52,6 +61,14 @@ class StageArgs:
     save_every: int = 0
     device: str | None = None
     deterministic: bool = False  # bitwise-reproducible loop on CPU (train.common.deterministic_mode)
+    strategy: str = "auto"  # ddp | fsdp | auto (train.distributed.choose_strategy)
+    grad_accum: int = 1  # micro-batches per optimizer step (global batch = world x accum x batch_size)
+    activation_checkpointing: bool | None = None  # default: on with fsdp, off otherwise
+    checkpoint_dir: str | None = None  # sharded checkpoints (fsdp, LoRA); default <output>.checkpoints
+    keep_checkpoints: int = 2
+    lora: LoraSpec | None = None  # stage 2 only: adapters instead of a full fine-tune
+    loss_log: str | None = None  # JSON lines {step, loss, lr} written by rank 0
+    tf32: bool = True  # on CUDA, as the released recipe
 
 
 def trainable_parameters(model: HiwinForCausalLM, stage: int) -> list[nn.Parameter]:
@@ -92,44 +109,212 @@ class _LossModule(nn.Module):
         eos = m.processor.tokenizer.eos_token or "</s>"
         return build_sequence(m, self.template.segments(list(turns), eos), visual, self.max_length)
 
+    autocast: torch.dtype | None = None  # LoRA on a bf16 base: fp32 trainables, bf16 compute
+
     def forward(self, samples: list[dict]) -> torch.Tensor:
+        if self.autocast is not None:
+            with torch.autocast(device_type=self.model.device.type, dtype=self.autocast):
+                return self._loss(samples)
+        return self._loss(samples)
+
+    def _loss(self, samples: list[dict]) -> torch.Tensor:
         embeds, mask, labels = pad_batch([self.sequence(s) for s in samples])
-        return self.model.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels).loss
+        return self.model.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
+
+
+def _load_fsdp(args: StageArgs, d: Dist, compute_dtype: torch.dtype):
+    """FSDP2: every rank builds the model on the meta device and shards it; rank 0 alone reads the
+    checkpoint (full, fp32, on the CPU) and the shards are broadcast from it tensor by tensor."""
+    from ..config import HiwinConfig
+    from ..model import _load_tokenizer
+    from ..processor import HiwinProcessor
+    from .distributed import apply_fsdp, broadcast_into_sharded
+
+    src = Path(args.model)
+    full = None
+    if d.main:
+        base = HiwinForCausalLM.from_pretrained(src, dtype=torch.float32, device="cpu", load_tokenizer=False)
+        if args.projector_weights:
+            base.load_projector_weights(args.projector_weights)
+        full = base.state_dict()
+        del base
+    config = HiwinConfig.from_pretrained(src)
+    with torch.device("meta"):
+        model = HiwinForCausalLM(config, dtype=torch.float32)
+    model.processor = HiwinProcessor(_load_tokenizer(src), config.slicing)
+    trainable_parameters(model, args.stage)  # requires_grad set before sharding: FSDP keeps it
+    root = _LossModule(model, args.stage, Path(args.image_folder), args.max_slices, args.max_length)
+    ac = True if args.activation_checkpointing is None else args.activation_checkpointing
+    apply_fsdp(root, model, compute_dtype=compute_dtype, activation_checkpointing=ac)
+    root.to_empty(device=d.device)
+    broadcast_into_sharded(model, full)
+    del full
+    with torch.no_grad():  # the frozen 0-d JBU scalars stay outside FSDP: give them the compute dtype
+        for p in model.parameters():
+            if p.dim() == 0:
+                p.data = p.data.to(compute_dtype)
+    params = trainable_parameters(model, args.stage)
+    return model, root, params
+
+
+def _load_replicated(args: StageArgs, d: Dist, dtype: torch.dtype):
+    model = HiwinForCausalLM.from_pretrained(args.model, dtype=dtype, device=d.device)
+    if args.projector_weights:
+        model.load_projector_weights(args.projector_weights)
+    if args.lora is not None:
+        from .lora import add_lora, lora_trainable
+
+        add_lora(model, args.lora)
+        model.to(d.device)
+        params = lora_trainable(model)
+        if dtype != torch.float32:  # the frozen base stays in bf16; what trains keeps fp32 weights
+            with torch.no_grad():
+                for p in params:
+                    p.data = p.data.float()
+    else:
+        params = trainable_parameters(model, args.stage)
+    if args.activation_checkpointing:
+        from torch.distributed._composable import checkpoint
+
+        from .distributed import checkpoint_blocks
+
+        for b in checkpoint_blocks(model):
+            checkpoint(b)
+    root = _LossModule(model, args.stage, Path(args.image_folder), args.max_slices, args.max_length)
+    if args.lora is not None and dtype != torch.float32:
+        root.autocast = dtype
+    return model, root, params
 
 
 def train_stage(args: StageArgs) -> list[float]:
+    import torch.distributed as dist
+
+    from .distributed import choose_strategy
+
+    if args.grad_accum < 1:
+        raise ValueError(f"grad_accum must be >= 1, got {args.grad_accum}")
+    if args.lora is not None and args.stage != 2:
+        raise ValueError("LoRA applies to stage 2 (stage 1 trains the projector only)")
     d = setup_distributed(args.device)
+    if d.device.type == "cuda" and args.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
     torch.manual_seed(args.seed + d.rank)
-    out = Path(args.output)
-    state_file = out / "trainer_state.pt"
-    resuming = args.resume and state_file.is_file()
-    src = out if (resuming and args.stage == 2) else Path(args.model)
-    model = HiwinForCausalLM.from_pretrained(src, dtype=parse_dtype(args.dtype), device=d.device)
-    if resuming and args.stage == 1:
-        model.load_projector_weights(out / "mm_projector.bin")
-    elif args.projector_weights:
-        model.load_projector_weights(args.projector_weights)
-    params = trainable_parameters(model, args.stage)
-    model.train() if args.stage == 2 else model.eval()
     data = read_json_list(args.data)
-    steps = args.steps or max(1, -(-len(data) // (args.batch_size * d.world)))
+    dtype = parse_dtype(args.dtype)
+    if args.lora is not None and args.strategy == "auto":
+        strategy = "ddp"  # adapters are small: replicas (one GPU, or DDP over several)
+    else:
+        strategy = choose_strategy(args.strategy, d, *_param_counts(args))
+    if strategy == "fsdp" and args.lora is not None:
+        raise ValueError("LoRA runs with --strategy ddp (one GPU or replicated adapters), not fsdp")
+    own_group = strategy == "fsdp" and not dist.is_initialized()
+    if own_group:  # FSDP on one process without torchrun: a 1-rank group of its own
+        dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                                world_size=1)
+    try:
+        return _train(args, d, data, dtype, strategy)
+    finally:
+        if own_group:
+            dist.destroy_process_group()
+
+
+def _train(args: StageArgs, d: Dist, data: list[dict], dtype: torch.dtype, strategy: str) -> list[float]:
+    from .distributed import ShardedCheckpoint, gather_full_state
+
+    out = Path(args.output)
+    sharded = strategy == "fsdp" or args.lora is not None
+    ckpt = ShardedCheckpoint(args.checkpoint_dir or f"{out}.checkpoints", d, args.keep_checkpoints) if sharded else None
+    state_file = out / "trainer_state.pt"
+
+    if strategy == "fsdp":
+        model, root, params = _load_fsdp(args, d, dtype)
+        loss_module = root
+    else:
+        resuming_old = not sharded and args.resume and state_file.is_file()
+        if resuming_old:  # the replicated path restarts from its own last save
+            args_src = StageArgs(**{**args.__dict__, "model": str(out) if args.stage == 2 else args.model,
+                                    "projector_weights": str(out / "mm_projector.bin") if args.stage == 1
+                                    else None})
+        else:
+            args_src = args
+        model, root, params = _load_replicated(args_src, d, dtype)
+        loss_module = wrap_ddp(root, d)
+    model.train() if args.stage == 2 else model.eval()
+    global_batch = d.world * args.grad_accum * args.batch_size
+    steps = args.steps or max(1, -(-len(data) // global_batch))
     lr = args.lr if args.lr is not None else (1e-3 if args.stage == 1 else 2e-5)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    if args.projector_lr is not None:  # LLaVA's LoRA recipe: 2e-4 for the adapters, 2e-5 for the projector
+        proj = {id(p) for p in model.projector.parameters()}
+        groups = [{"params": [p for p in params if id(p) not in proj]},
+                  {"params": [p for p in params if id(p) in proj], "lr": args.projector_lr}]
+        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=args.weight_decay)
+    else:
+        opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
     sched = cosine_with_warmup(opt, steps, args.warmup_ratio)
-    start = load_trainer_state(state_file, opt, sched) if resuming else 0
+    start = 0
+    if args.resume and sharded:
+        latest = ckpt.latest()
+        if latest is not None:
+            start = ckpt.load(latest, loss_module, opt, sched)
+            if d.main:
+                log.info("resumed from %s", latest)
+    elif args.resume and state_file.is_file():
+        start = load_trainer_state(state_file, opt, sched)
     if d.main:
-        log.info("stage %d: %d samples, %d steps from %d, %.1fM trainable parameters", args.stage, len(data),
-                 steps, start, sum(p.numel() for p in params) / 1e6)
-    loss_module = wrap_ddp(_LossModule(model, args.stage, Path(args.image_folder), args.max_slices,
-                                       args.max_length), d)
-    batches = sample_stream(len(data), d, args.seed, start, args.batch_size)
+        log.info("stage %d (%s%s, %d rank(s), accum %d): %d samples, %d steps from %d, %.1fM trainable parameters",
+                 args.stage, strategy, " + LoRA" if args.lora else "", d.world, args.grad_accum, len(data), steps,
+                 start, sum(p.numel() for p in params) / 1e6)  # DTensor.numel() is the global size
+    batches = global_batches(len(data), args.seed, start, global_batch)
 
     def step_fn(step: int) -> float:
-        loss = loss_module([data[i] for i in next(batches)])
-        loss.backward()
-        return float(loss.detach())
+        total = torch.zeros((), dtype=torch.float64)
+        for k, idx in enumerate(micro_batches(next(batches), d, args.grad_accum, args.batch_size)):
+            # Dropout masks (the JBU fixup's, LoRA's) are a function of the data position, not of
+            # the rank or of how the global batch is split: seeded per global micro-batch index.
+            torch.manual_seed(micro_batch_seed(args.seed, step, k * d.world + d.rank))
+            sync = k == args.grad_accum - 1 or strategy != "ddp" or d.world == 1
+            with (contextlib.nullcontext() if sync else loss_module.no_sync()):
+                loss = loss_module([data[i] for i in idx]) / args.grad_accum
+                loss.backward()
+            total += loss.detach().double().cpu()
+        if d.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(total)
+            total /= d.world
+        value = float(total)
+        if d.main and args.loss_log:
+            with open(args.loss_log, "a") as f:
+                f.write(json.dumps({"step": step + 1, "loss": value, "lr": opt.param_groups[0]["lr"]}) + "\n")
+        return value
+
+    def save_final(step: int) -> None:
+        if args.lora is not None:
+            from .lora import merge_lora
+
+            merge_lora(model)
+        if args.stage == 1:
+            keep = (lambda k: k.startswith("projector."))
+            sd = gather_full_state(model, d, keep, dtype)
+            if d.main:
+                out.mkdir(parents=True, exist_ok=True)
+                atomic_torch_save({to_official(k): v for k, v in sd.items()}, out / "mm_projector.bin")
+        else:
+            sd = gather_full_state(model, d, dtype=dtype)
+            if d.main:
+                model.save_pretrained(out, overwrite=True, state_dict=sd)
+        del sd
 
     def save(step: int) -> None:
+        if sharded:
+            if step < steps:
+                ckpt.save(step, loss_module, opt, sched)
+            else:
+                save_final(step)
+            if d.main:
+                log.info("saved step %d to %s", step, ckpt.root if step < steps else out)
+            return
         if not d.main:
             return
         out.mkdir(parents=True, exist_ok=True)
@@ -144,3 +329,13 @@ def train_stage(args: StageArgs) -> list[float]:
 
     return run_loop(step_fn, params, opt, sched, LoopConfig(steps, args.log_every, args.save_every,
                                                             deterministic=args.deterministic), start, save, d)
+
+
+def _param_counts(args: StageArgs) -> tuple[int, int]:
+    """(all, trainable) parameter counts of the run, from the config alone (a meta-device build)."""
+    from ..config import HiwinConfig
+
+    with torch.device("meta"):
+        m = HiwinForCausalLM(HiwinConfig.from_pretrained(Path(args.model)))
+    trainable = trainable_parameters(m, args.stage)
+    return sum(p.numel() for p in m.parameters()), sum(p.numel() for p in trainable)

@@ -1,0 +1,243 @@
+"""Training memory: the per-GPU plan for the released sizes, and a measurement of per-rank peak RSS.
+
+``python -m hiwin_model.train.memory plan``
+    prints the bytes-per-parameter arithmetic of docs/training.md for the released model (7.2 B
+    parameters: Vicuna-7B 6.74 B, CLIP ViT-L 0.29 B to layer -2, projector 0.17 B, JBU 1 M).
+
+``python -m hiwin_model.train.memory measure [--width real|tiny] [--llm-layers 2]``
+    runs one stage-2 training step (one generated page, overview only, AdamW) in separate processes
+    and prints each rank's peak RSS (``ru_maxrss``) and the bytes it holds in parameters, gradients
+    and optimizer state, for
+
+    * ``fsdp``: FSDP2 on 2 gloo ranks (``torchrun``), bf16 compute, fp32 master weights, fp32
+      gradient reduction, activation checkpointing (the ``--strategy fsdp --dtype bf16`` recipe);
+    * ``ddp``: DistributedDataParallel in fp32, as ``--strategy ddp --dtype fp32`` runs it
+      (gradients as views of DDP's buckets), **measured on one rank of a 1-rank process group**. A
+      DDP rank holds a full replica (weights, gradients, AdamW state) whatever the world size, so
+      one rank's footprint is the per-rank footprint of any DDP run; measuring it alone keeps the
+      measurement within one machine's RAM (2 real-width DDP ranks would need 2 x ~19 GB).
+
+    Each mode runs in its own processes, one after the other, so the two never share the RAM.
+    Random weights (initialised shard by shard: no rank materialises the full FSDP model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+GIB = 1 << 30
+
+
+# ---------------------------------------------------------------------------- plan
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    llm: float = 6.738e9  # Vicuna-7B (embeddings + 32 layers + LM head)
+    clip: float = 0.291e9  # CLIP ViT-L/14-336, the 23 blocks up to layer -2
+    projector: float = 0.167e9
+    jbu: float = 0.001e9
+
+    @property
+    def total(self) -> float:
+        return self.llm + self.clip + self.projector + self.jbu
+
+
+def plan_rows(s: Sizes = Sizes(), world: int = 8, lora_r: int = 128) -> list[tuple[str, str, float]]:
+    """(mode, arithmetic, GiB per GPU before activations) for stage 2 at the released size."""
+    n = s.total
+    # LoRA r on q,k,v,o (4096x4096) and gate,up,down (4096x11008): r * (in + out) per linear, 32 layers
+    lora = 32 * lora_r * (4 * (4096 + 4096) + 3 * (4096 + 11008))
+    trained_lora = lora + s.projector + s.jbu
+    rows = [
+        ("DDP fp32 (--strategy ddp)", f"16 B x {n / 1e9:.2f} B (4 weights + 4 grads + 8 AdamW)", 16 * n),
+        (f"FSDP2 bf16 on {world} GPUs, state", f"16 B x {n / 1e9:.2f} B / {world} (fp32 master + fp32 grads + AdamW, "
+                                              "all sharded)", 16 * n / world),
+        (f"FSDP2 bf16 on {world} GPUs, + gathered units",
+         "+ root unit (CLIP, projector, embeddings: 0.59 B) in bf16, its bf16 grads and fp32 reduce buffer "
+         "(2 + 2 + 4 B) + LM-head unit (0.13 B x 8 B) + 2 Llama layers in flight (2 x 0.2 B x 2 B)",
+         16 * n / world + 8 * 0.59e9 + 8 * 0.131e9 + 2 * 0.2024e9 * 2),
+        (f"LoRA r={lora_r}, 1 GPU, bf16 base", f"2 B x {n / 1e9:.2f} B frozen + 16 B x {trained_lora / 1e6:.0f} M "
+                                               "trained (adapters, projector, fixup)", 2 * n + 16 * trained_lora),
+    ]
+    return [(m, a, b / GIB) for m, a, b in rows]
+
+
+def print_plan(world: int = 8, lora_r: int = 128) -> None:
+    print(f"stage 2 at the released size ({Sizes().total / 1e9:.2f} B parameters), GiB per GPU before activations")
+    for mode, arith, gib in plan_rows(world=world, lora_r=lora_r):
+        print(f"  {mode:45s} {gib:7.1f} GiB   {arith}")
+
+
+# ---------------------------------------------------------------------------- measurement (one rank)
+def peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def _config(width: str, llm_layers: int):
+    from ..config import HiwinConfig
+    from ..tiny import TINY_CONFIG, build_tokenizer
+
+    tok = build_tokenizer()
+    if width == "real":
+        c = HiwinConfig()
+        c = dataclasses.replace(c, llm={**c.llm, "num_hidden_layers": llm_layers})
+    else:
+        d = dict(TINY_CONFIG, num_hidden_layers=llm_layers, vocab_size=len(tok))
+        c = HiwinConfig.from_dict(d)
+    return c, tok
+
+
+def _local_bytes(tensors) -> int:
+    from torch.distributed.tensor import DTensor
+
+    total = 0
+    for t in tensors:
+        if t is None:
+            continue
+        t = t.to_local() if isinstance(t, DTensor) else t
+        total += t.numel() * t.element_size()
+    return total
+
+
+def worker(mode: str, width: str, llm_layers: int, data: str, steps: int, out: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from ..model import HiwinForCausalLM
+    from ..processor import HiwinProcessor
+    from .common import read_json_list, setup_distributed
+    from .distributed import apply_fsdp, init_meta_buffers
+    from .llm_stages import _LossModule, trainable_parameters
+
+    torch.manual_seed(0)
+    d = setup_distributed("cpu")
+    if not dist.is_initialized():  # DDP on one rank still needs its (1-rank) process group
+        dist.init_process_group("gloo")
+    rss_imports = peak_rss_mib()
+    config, tok = _config(width, llm_layers)
+    with torch.device("meta"):
+        model = HiwinForCausalLM(config, dtype=torch.float32)
+    model.processor = HiwinProcessor(tok, config.slicing)
+    trainable_parameters(model, 2)
+    root = _LossModule(model, 2, Path(data) / "images", max_slices=1, max_length=512)
+    if mode == "fsdp":
+        apply_fsdp(root, model, compute_dtype=torch.bfloat16, activation_checkpointing=True)
+    root.to_empty(device="cpu")
+    from torch.distributed.tensor import DTensor
+
+    with torch.no_grad():  # random weights, each rank initialising only what it holds
+        for p in model.parameters():
+            (p.to_local() if isinstance(p, DTensor) else p).normal_(0, 0.02)
+    init_meta_buffers(model)
+    if mode == "fsdp":
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.dim() == 0:
+                    p.data = p.data.to(torch.bfloat16)
+        loss_module = root
+    else:
+        from torch.nn.parallel import DistributedDataParallel
+
+        loss_module = DistributedDataParallel(root, find_unused_parameters=True,  # as common.wrap_ddp
+                                              gradient_as_bucket_view=True)
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-5)
+    rss_weights = peak_rss_mib()
+    samples = read_json_list(Path(data) / "sft.json")
+    for step in range(steps):
+        opt.zero_grad(set_to_none=False)
+        loss = loss_module([samples[step % len(samples)]])
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+    state = [t for s in opt.state.values() for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
+    rec = {"mode": mode, "rank": d.rank, "world": d.world, "width": width, "llm_layers": llm_layers,
+           "params": sum(p.numel() for p in model.parameters()),
+           "param_bytes": _local_bytes(model.parameters()), "grad_bytes": _local_bytes(p.grad for p in params),
+           "optim_bytes": _local_bytes(state), "rss_imports_mib": rss_imports, "rss_after_init_mib": rss_weights,
+           "peak_rss_mib": peak_rss_mib(), "loss": float(loss.detach())}
+    Path(out).with_name(f"{Path(out).name}.{mode}.rank{d.rank}.json").write_text(json.dumps(rec))
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def measure(width: str, llm_layers: int, steps: int, port: int) -> list[dict]:
+    from ..synthetic import write_training_data
+
+    recs = []
+    with tempfile.TemporaryDirectory(prefix="hiwin-mem-") as tmp:
+        data = write_training_data(Path(tmp) / "data", n=2)
+        out = Path(tmp) / "result"
+        for mode, ranks in (("fsdp", 2), ("ddp", 1)):
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ranks), "--master-addr",
+                   "127.0.0.1", "--master-port", str(port), "-m", "hiwin_model.train.memory", "worker", "--mode", mode,
+                   "--width", width, "--llm-layers", str(llm_layers), "--data", str(data), "--steps", str(steps),
+                   "--out", str(out)]
+            print(f"running {mode} on {ranks} rank(s) ...", file=sys.stderr, flush=True)
+            env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            subprocess.run(cmd, check=True, env=env)
+            for r in range(ranks):
+                recs.append(json.loads(out.with_name(f"{out.name}.{mode}.rank{r}.json").read_text()))
+    return recs
+
+
+def print_measurement(recs: list[dict]) -> None:
+    import torch
+
+    r0 = recs[0]
+    print(f"stage-2 step, {r0['width']} width, {r0['llm_layers']} Llama layers, {r0['params'] / 1e6:.1f} M parameters; "
+          f"torch {torch.__version__}, CPU, gloo; one generated page (overview only), AdamW")
+    print(f"{'mode':34s} {'rank':>4s} {'params MiB':>10s} {'grads MiB':>10s} {'AdamW MiB':>10s} "
+          f"{'RSS imports':>11s} {'peak RSS MiB':>12s}")
+    label = {"fsdp": "FSDP2 bf16+ckpt, 2 ranks", "ddp": "DDP fp32 (1 rank of a 1-rank group)"}
+    for r in recs:
+        print(f"{label[r['mode']]:34s} {r['rank']:4d} {r['param_bytes'] / 2**20:10.0f} {r['grad_bytes'] / 2**20:10.0f} "
+              f"{r['optim_bytes'] / 2**20:10.0f} {r['rss_imports_mib']:11.0f} {r['peak_rss_mib']:12.0f}")
+    fsdp = max(r["peak_rss_mib"] for r in recs if r["mode"] == "fsdp")
+    ddp = max(r["peak_rss_mib"] for r in recs if r["mode"] == "ddp")
+    print(f"peak RSS per rank, FSDP2 / DDP: {fsdp:.0f} / {ddp:.0f} MiB = {fsdp / ddp:.2f}x")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m hiwin_model.train.memory", description=__doc__.split("\n")[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("plan", help="bytes-per-parameter arithmetic for the released size")
+    p.add_argument("--world", type=int, default=8)
+    p.add_argument("--lora-r", type=int, default=128)
+    m = sub.add_parser("measure", help="per-rank peak RSS of one stage-2 step: FSDP2 (2 ranks) vs DDP")
+    m.add_argument("--width", choices=["real", "tiny"], default="tiny")
+    m.add_argument("--llm-layers", type=int, default=2)
+    m.add_argument("--steps", type=int, default=2)
+    m.add_argument("--port", type=int, default=29533)
+    m.add_argument("--json", help="also write the per-rank records here")
+    w = sub.add_parser("worker", help=argparse.SUPPRESS)
+    w.add_argument("--mode", choices=["fsdp", "ddp"], required=True)
+    w.add_argument("--width", choices=["real", "tiny"], required=True)
+    w.add_argument("--llm-layers", type=int, required=True)
+    w.add_argument("--data", required=True)
+    w.add_argument("--steps", type=int, required=True)
+    w.add_argument("--out", required=True)
+    a = ap.parse_args(argv)
+    if a.cmd == "plan":
+        print_plan(a.world, a.lora_r)
+    elif a.cmd == "measure":
+        recs = measure(a.width, a.llm_layers, a.steps, a.port)
+        print_measurement(recs)
+        if a.json:
+            Path(a.json).write_text(json.dumps(recs, indent=1))
+    else:
+        worker(a.mode, a.width, a.llm_layers, a.data, a.steps, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
