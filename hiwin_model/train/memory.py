@@ -219,6 +219,24 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--steps", type=int, default=2)
     m.add_argument("--port", type=int, default=29533)
     m.add_argument("--json", help="also write the per-rank records here")
+    c = sub.add_parser("measure-cuda", help="device memory of stage-2 steps at the released widths "
+                       "(hiwin_model.train.memory_device): LoRA and full bf16, each in its own process")
+    c.add_argument("--llm-layers", type=int, default=32, help="Llama decoder layers (32: the full 7B)")
+    c.add_argument("--lora-r", type=int, default=128)
+    c.add_argument("--modes", default="lora,full-bf16", help="comma-separated: lora, full-bf16")
+    c.add_argument("--width", choices=["real", "tiny"], default="real")
+    c.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    c.add_argument("--steps", type=int, default=2)
+    c.add_argument("--json", help="also write the per-mode records here")
+    dw = sub.add_parser("device-worker", help=argparse.SUPPRESS)
+    dw.add_argument("--mode", required=True)
+    dw.add_argument("--width", choices=["real", "tiny"], required=True)
+    dw.add_argument("--llm-layers", type=int, required=True)
+    dw.add_argument("--lora-r", type=int, required=True)
+    dw.add_argument("--device", required=True)
+    dw.add_argument("--data", required=True)
+    dw.add_argument("--steps", type=int, required=True)
+    dw.add_argument("--out", required=True)
     w = sub.add_parser("worker", help=argparse.SUPPRESS)
     w.add_argument("--mode", choices=["fsdp", "ddp"], required=True)
     w.add_argument("--width", choices=["real", "tiny"], required=True)
@@ -234,6 +252,26 @@ def main(argv: list[str] | None = None) -> int:
         print_measurement(recs)
         if a.json:
             Path(a.json).write_text(json.dumps(recs, indent=1))
+    elif a.cmd == "measure-cuda":
+        from . import memory_device
+
+        modes = [m.strip() for m in a.modes.split(",") if m.strip()]
+        bad = sorted(set(modes) - set(memory_device.MODES))
+        if bad or not modes:
+            ap.error(f"--modes: unknown {bad or modes}; choose from {', '.join(memory_device.MODES)}")
+        if a.llm_layers < 1 or a.steps < 1:
+            ap.error("--llm-layers and --steps must be >= 1")
+        recs = memory_device.measure(modes, a.width, a.llm_layers, a.lora_r, a.device, a.steps)
+        memory_device.print_table(recs)
+        if a.json:
+            tmp = Path(a.json).with_name(Path(a.json).name + ".tmp")
+            tmp.write_text(json.dumps(recs, indent=1))
+            os.replace(tmp, a.json)
+        return 1 if any("error" in r for r in recs) else 0
+    elif a.cmd == "device-worker":
+        from .memory_device import worker as device_worker
+
+        device_worker(a.mode, a.width, a.llm_layers, a.lora_r, a.device, a.data, a.steps, a.out)
     else:
         worker(a.mode, a.width, a.llm_layers, a.data, a.steps, a.out)
     return 0
