@@ -169,6 +169,12 @@ def _random_init(model) -> None:
                 t.zero_()
 
 
+def _write(out: str, rec: dict) -> None:
+    tmp = Path(out).with_name(Path(out).name + ".tmp")
+    tmp.write_text(json.dumps(rec, indent=1))
+    os.replace(tmp, out)
+
+
 def worker(mode: str, width: str, llm_layers: int, lora_r: int, device: str, data: str, steps: int,
            out: str) -> None:
     import torch
@@ -220,6 +226,13 @@ def worker(mode: str, width: str, llm_layers: int, lora_r: int, device: str, dat
     n_trainable = sum(p.numel() for p in params)
     n_frozen = sum(p.numel() for p in model.parameters()) - n_trainable
     units = _unit_counts(model)
+    if dev.type == "cuda":  # the plan's state alone would not fit: record, do not run
+        need = predict(mode, n_trainable, n_frozen, units, _llm_dims(model), 0)["state_bytes"]
+        total = torch.cuda.get_device_properties(dev).total_memory
+        if need > total:
+            _write(out, {"mode": mode, "width": width, "llm_layers": llm_layers, "skipped":
+                         f"the plan's state alone is {need / GIB:.1f} GiB, the device has {total / GIB:.1f} GiB"})
+            return
     root = _LossModule(model, 2, Path(data) / "images", max_slices=7, max_length=4096)
     if mode == "full-bf16":
         if not dist.is_initialized():  # FSDP2 at world size 1: a process group of its own
@@ -296,35 +309,12 @@ def worker(mode: str, width: str, llm_layers: int, lora_r: int, device: str, dat
                                rec["seq_tokens"] or 0)
     rec["ratio_state"] = rec["state_bytes"] / rec["predicted"]["state_bytes"]
     rec["ratio_peak"] = rec["peak_allocated_bytes"] / rec["predicted"]["peak_bytes"]
-    tmp = Path(out).with_name(Path(out).name + ".tmp")
-    tmp.write_text(json.dumps(rec, indent=1))
-    os.replace(tmp, out)
+    _write(out, rec)
     if group:
         dist.destroy_process_group()
 
 
 # ---------------------------------------------------------------------------- driver
-def planned_state_bytes(mode: str, width: str, llm_layers: int, lora_r: int) -> int:
-    """State bytes the plan predicts for ``mode`` (a meta-device build: nothing allocated)."""
-    import torch
-
-    from ..model import HiwinForCausalLM
-    from .llm_stages import trainable_parameters
-    from .memory import _config
-
-    config, _ = _config(width, llm_layers)
-    with torch.device("meta"):
-        m = HiwinForCausalLM(config)
-    n = sum(p.numel() for p in m.parameters())
-    if mode == "lora":
-        trained = lora_adapter_count(_llm_dims(m), lora_r)
-        trained += sum(p.numel() for p in m.projector.parameters()) - m.projector.pos_embed.numel()
-        trained += sum(p.numel() for p in m.jbu.fixup_proj.parameters())
-        return 2 * n + 16 * trained
-    t = sum(p.numel() for p in trainable_parameters(m, 2))
-    return 4 * (n - t) + 16 * t
-
-
 def _llm_dims(model) -> dict:
     c = model.llm.config
     return {"hidden_size": c.hidden_size, "intermediate_size": c.intermediate_size,
@@ -340,20 +330,10 @@ def measure(modes: list[str], width: str, llm_layers: int, lora_r: int, device: 
         if not torch.cuda.is_available():
             raise SystemExit("measure-cuda: CUDA is not available (torch.cuda.is_available() is False); "
                              "use --device cpu --width tiny for the CPU path")
-        total = torch.cuda.get_device_properties(0).total_memory
-    else:
-        total = None
     recs = []
     with tempfile.TemporaryDirectory(prefix="hiwin-devmem-") as tmp:
         data = write_page(Path(tmp) / "data")
         for mode in modes:
-            planned = planned_state_bytes(mode, width, llm_layers, lora_r)
-            if total is not None and planned > total:
-                print(f"{mode}: skipped, the plan's state alone is {planned / GIB:.1f} GiB > the device's "
-                      f"{total / GIB:.1f} GiB", file=sys.stderr, flush=True)
-                recs.append({"mode": mode, "llm_layers": llm_layers, "width": width, "skipped":
-                             f"planned state {planned / GIB:.1f} GiB exceeds the device ({total / GIB:.1f} GiB)"})
-                continue
             out = Path(tmp) / f"{mode}.json"
             cmd = [sys.executable, "-m", "hiwin_model.train.memory", "device-worker", "--mode", mode, "--width", width,
                    "--llm-layers", str(llm_layers), "--lora-r", str(lora_r), "--device", device, "--data", str(data),
@@ -396,7 +376,7 @@ def print_table(recs: list[dict]) -> None:
               f"{r['ratio_state']:10.3f} {'/'.join(f'{t:.2f}' for t in r['step_s']):>12s}")
     for r in ok:
         p = r["predicted"]
-        print(f"  {r['mode']}: predicted {p['state_bytes'] / scale:.2f} {unit} state + {p['gathered_bytes'] / scale:.2f} "
-              f"gathered + {p['llm_activation_bytes'] / scale:.2f} LLM activations ({p['arithmetic']}); "
+        print(f"  {r['mode']}: predicted {p['state_bytes'] / scale:.2f} {unit} state + "
+              f"{p['gathered_bytes'] / scale:.2f} gathered + {p['llm_activation_bytes'] / scale:.2f} LLM activations ({p['arithmetic']}); "
               f"measured state {r['state_bytes'] / scale:.2f} {unit}, init {r['init_s']:.1f} s, loss "
               f"{', '.join(f'{x:.3f}' for x in r['loss'])}")
