@@ -377,6 +377,7 @@ def print_table(recs: list[dict]) -> None:
     for r in ok:
         p = r["predicted"]
         print(f"  {r['mode']}: predicted {p['state_bytes'] / scale:.2f} {unit} state + "
-              f"{p['gathered_bytes'] / scale:.2f} gathered + {p['llm_activation_bytes'] / scale:.2f} LLM activations ({p['arithmetic']}); "
+              f"{p['gathered_bytes'] / scale:.2f} gathered + {p['llm_activation_bytes'] / scale:.2f} LLM "
+              f"activations ({p['arithmetic']}); "
               f"measured state {r['state_bytes'] / scale:.2f} {unit}, init {r['init_s']:.1f} s, loss "
               f"{', '.join(f'{x:.3f}' for x in r['loss'])}")
