@@ -19,6 +19,9 @@
 
     Each mode runs in its own processes, one after the other, so the two never share the RAM.
     Random weights (initialised shard by shard: no rank materialises the full FSDP model).
+
+``python -m hiwin_model.train.memory measure-cuda --llm-layers 32 [--modes lora,full-bf16]``
+    allocator peaks of stage-2 steps on one GPU at the released widths (:mod:`.memory_device`).
 """
 
 from __future__ import annotations
