@@ -285,6 +285,22 @@ def test_backend_streams_samples_and_refuses_bad_requests(fake_trtllm, light_exp
     assert len(pipe.generate(img, QUESTION, max_new_tokens=3, ignore_eos=True).token_ids) == 3  # still usable
 
 
+def test_hiwin_run_language_flags(fake_trtllm, light_export, trtllm_fp16, tmp_path, capsys):
+    from hiwin_runtime.cli import main
+
+    img = tmp_path / "page.png"
+    random_image(500, 300, seed=2).save(img)
+    base = ["--model", str(light_export), "--image", str(img), "--max-new-tokens", "4"]
+    assert main(base + ["--language", "trtllm", "--trtllm", str(trtllm_fp16)]) == 0
+    err = capsys.readouterr().err
+    assert "[tensorrt-llm 0.0-fake (fp16" in err and "new tokens" in err
+    for extra, match in ((["--language", "trtllm"], "--language trtllm needs --trtllm DIR"),
+                         (["--language", "genai"], "--language genai needs --genai DIR"),
+                         (["--genai", str(tmp_path)], "need --language genai / trtllm")):
+        assert main(base + extra) == 2
+        assert match in capsys.readouterr().err
+
+
 def test_registered_model_splices_the_rows(fake_trtllm):
     import torch
 
