@@ -227,10 +227,10 @@ def e2e_model(kind: str, llm_layers: int = 2, seed: int = 0):
     return model
 
 
-def onnx_weight_bytes(path: str | os.PathLike, *, skip=("embed_tokens",)) -> int:
+def onnx_weight_bytes(path: str | os.PathLike, *, skip=("embed_tokens", "cos_cache", "sin_cache")) -> int:
     """Bytes of a graph's initializers as stored (external data included; int4 ``MatMulNBits`` counts
     its packed weights, scales and zero points), without the embedding table: what one decoding step
-    reads from memory at least."""
+    reads from memory at least (rotary cos/sin tables excluded too: one row per token)."""
     import onnx
 
     m = onnx.load(str(path), load_external_data=False)
@@ -384,7 +384,7 @@ def format_agreement(kind: str, res: dict, agree_dir: Path, rep: Report) -> Repo
             lead = next((i for i, (p, q) in enumerate(zip(got, want)) if p != q), min(len(got), len(want)))
             rep.add(config=kind, image=img, backend=b, reference=ref, lead=f"{lead} of {len(want)}",
                     matches=f"{sum(p == q for p, q in zip(got, want))} of {len(want)}",
-                    cosine=round(float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y))), 6))
+                    cosine=f"{float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y))):.6f}")
     return rep
 
 

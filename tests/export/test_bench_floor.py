@@ -59,6 +59,6 @@ def test_floor_columns_and_agreement_report(tmp_path):
     rows = {(r["backend"], r["reference"]): r for r in agree.rows}
     assert rows[("genai-int4", "genai-fp32")]["lead"] == "3 of 8"
     assert rows[("genai-int4", "genai-fp32")]["matches"] == "4 of 8"  # positions 0, 1, 2 and 7
-    assert rows[("genai-int4", "genai-fp32")]["cosine"] == -1.0
-    assert rows[("genai-fp32", "torch")]["lead"] == "8 of 8" and rows[("genai-fp32", "torch")]["cosine"] == 1.0
+    assert rows[("genai-int4", "genai-fp32")]["cosine"] == "-1.000000"
+    assert rows[("genai-fp32", "torch")]["lead"] == "8 of 8" and rows[("genai-fp32", "torch")]["cosine"] == "1.000000"
     assert ("genai-fp16", "genai-fp32") not in rows  # not run: no row

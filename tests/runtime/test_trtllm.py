@@ -364,6 +364,7 @@ def test_fp8_and_int4_awq_checkpoints(tiny_model, tmp_path):
     """ModelOpt on the CPU: the written checkpoints carry the algorithm TensorRT-LLM reads, fp8 weights
     dequantize to the source weights, and the int4 checkpoint (packed, grouped, AWQ-scaled) computes
     what ModelOpt's own fake-quantized model computes."""
+    pytest.importorskip("modelopt.torch.quantization", reason="needs NVIDIA ModelOpt (pip install 'hiwin[trtllm]')")
     import torch
     from safetensors.torch import load_file
 
