@@ -243,6 +243,7 @@ def build_trtllm(out_dir: str | os.PathLike, *, model=None, llama_dir: str | os.
                 log.info("ModelOpt %s (%s) on %s: calibrating on %d prompts ...", precision, RECIPES[precision],
                          device, len(samples))
                 llm = quantize(llm, precision, samples, device=device)
+                llm = llm.to(torch.float16)  # calibrated in fp32 on the CPU; TensorRT-LLM runs the checkpoint in fp16
                 export_hf_checkpoint(llm, dtype=torch.float16, export_dir=str(tmp))
                 qcfg = json.loads((tmp / "hf_quant_config.json").read_text())["quantization"]
                 if qcfg.get("quant_algo") != QUANT_ALGOS[precision]:
