@@ -260,7 +260,8 @@ def build_trtllm(out_dir: str | os.PathLike, *, model=None, llama_dir: str | os.
             del llm
             conf = json.loads((tmp / "config.json").read_text())
             conf["architectures"] = [ARCHITECTURE]
-            conf.pop("quantization_config", None) if not quantized else None
+            if not quantized:
+                conf.pop("quantization_config", None)
             (tmp / "config.json").write_text(json.dumps(conf, indent=2, sort_keys=True))
             for f in src.iterdir():  # tokenizer and generation config
                 if f.is_file() and (f.name.startswith(("tokenizer", "special_tokens")) or f.name in

@@ -385,18 +385,21 @@ class Pipeline:
                     raise RequestError(f"keep_logits is not available on {self.backend.name}")
                 t_first = None
                 gen = self.backend.generate_tokens(pre, visual, post, cfg)
-                while True:
-                    try:
-                        tok = next(gen)
-                    except StopIteration as stop:
-                        finish = stop.value or finish
-                        break
-                    if t_first is None:
-                        t_first = time.perf_counter()
-                    ids.append(tok)
-                    delta = self._tokenizer_call(deltas.push, tok)
-                    if delta:
-                        yield delta
+                try:
+                    while True:
+                        try:
+                            tok = next(gen)
+                        except StopIteration as stop:
+                            finish = stop.value or finish
+                            break
+                        if t_first is None:
+                            t_first = time.perf_counter()
+                        ids.append(tok)
+                        delta = self._tokenizer_call(deltas.push, tok)
+                        if delta:
+                            yield delta
+                finally:  # a stream closed early stops the runtime's request too
+                    gen.close()
                 t_end = time.perf_counter()
                 t_first = t_first or t_end
             else:

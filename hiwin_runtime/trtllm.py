@@ -240,13 +240,17 @@ class TrtLlmBackend(Backend):
         result = self.llm.generate_async(req, sampling_params=params, streaming=True)
         sent = 0
         out = None
-        for out in result:
-            toks = list(out.outputs[0].token_ids)
-            for t in toks[sent:]:
-                if t == self.eos and not cfg.ignore_eos:
-                    return "eos"
-                yield int(t)
-            sent = len(toks)
+        try:
+            for out in result:
+                toks = list(out.outputs[0].token_ids)
+                for t in toks[sent:]:
+                    if t == self.eos and not cfg.ignore_eos:
+                        return "eos"
+                    yield int(t)
+                sent = len(toks)
+        finally:  # the caller stopped early (closed the stream): free the request's slot and KV cache
+            if not getattr(result, "finished", True) and hasattr(result, "abort"):
+                result.abort()
         if out is None:
             raise RuntimeError("TensorRT-LLM returned no output for the request")
         reason = getattr(out.outputs[0], "finish_reason", None)

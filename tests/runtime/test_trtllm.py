@@ -55,6 +55,25 @@ class FakeTrtLlm:
             def __init__(self, ids, reason):
                 self.outputs = [types.SimpleNamespace(token_ids=list(ids), finish_reason=reason)]
 
+        class Result:  # GenerationResult: iterable while streaming, finished, abort()
+            def __init__(self, it):
+                self.it, self.finished = it, False
+
+            def __iter__(self):
+                return self
+
+            def __next__(self):
+                try:
+                    out = next(self.it)
+                except StopIteration:
+                    self.finished = True
+                    raise
+                self.finished = out.outputs[0].finish_reason is not None
+                return out
+
+            def abort(self):
+                fake.calls.append(("abort",))
+
         class LLM:
             def __init__(self, **kw):
                 fake.calls.append(("LLM", kw))
@@ -80,7 +99,7 @@ class FakeTrtLlm:
                 from hiwin_runtime.trtllm import splice
 
                 emb = splice(ids, rows.numpy(), self.ort.embed, self.vocab)
-                return self._decode(emb, sampling_params)
+                return Result(self._decode(emb, sampling_params))
 
             def _decode(self, emb, sp):
                 logits, cache = self.ort.forward(emb[None], self.ort.empty_cache(), 0)
@@ -283,6 +302,11 @@ def test_backend_streams_samples_and_refuses_bad_requests(fake_trtllm, light_exp
     with pytest.raises(RequestError, match="exceeds the context"):
         pipe.generate(img, QUESTION, max_new_tokens=4000)
     assert len(pipe.generate(img, QUESTION, max_new_tokens=3, ignore_eos=True).token_ids) == 3  # still usable
+    assert ("abort",) not in fake_trtllm.calls
+    it = pipe.stream(img, QUESTION, max_new_tokens=50, ignore_eos=True)
+    next(it)
+    it.close()  # the client went away: the TensorRT-LLM request is aborted
+    assert fake_trtllm.calls[-1] == ("abort",)
 
 
 def test_hiwin_run_language_flags(fake_trtllm, light_export, trtllm_fp16, tmp_path, capsys):
