@@ -227,9 +227,65 @@ def e2e_model(kind: str, llm_layers: int = 2, seed: int = 0):
     return model
 
 
+def onnx_weight_bytes(path: str | os.PathLike, *, skip=("embed_tokens", "cos_cache", "sin_cache")) -> int:
+    """Bytes of a graph's initializers as stored (external data included; int4 ``MatMulNBits`` counts
+    its packed weights, scales and zero points), without the embedding table: what one decoding step
+    reads from memory at least (rotary cos/sin tables excluded too: one row per token)."""
+    import onnx
+
+    m = onnx.load(str(path), load_external_data=False)
+    total = 0
+    for t in m.graph.initializer:
+        if any(k in t.name for k in skip):
+            continue
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            total += int(next(e.value for e in t.external_data if e.key == "length"))
+        elif t.raw_data:
+            total += len(t.raw_data)
+        else:
+            import numpy as np
+            from onnx import helper
+
+            n = int(np.prod(t.dims)) if t.dims else 1
+            total += n * np.dtype(helper.tensor_dtype_to_np_dtype(t.data_type)).itemsize
+    return total
+
+
+def decoder_weight_bytes(backend: str, path: str, pipe) -> int:
+    """Weight bytes a decoding step reads: every decoder weight incl. lm_head at its stored precision
+    (the embedding table excluded: one row per token)."""
+    if backend == "torch":
+        return sum(p.numel() * p.element_size() for n, p in pipe.backend.model.llm.named_parameters()
+                   if "embed_tokens" not in n)
+    if backend.startswith("genai"):
+        d = Path(path).parent / backend
+        cfg = json.loads((d / "genai_config.json").read_text())
+        return onnx_weight_bytes(d / cfg["model"]["decoder"]["filename"])
+    from hiwin_runtime.graph_id import GraphId
+
+    export = pipe.backend.export
+    return onnx_weight_bytes(export.graph_path(GraphId(export.manifest["language"]["decoder_graph"], None, "fp32")))
+
+
+def memory_bandwidth_gbs(mib: int = 512, repeats: int = 5) -> float:
+    """Streaming read rate of this machine: the best of ``repeats`` sums over a float32 buffer far
+    larger than any cache (torch, all its threads), in GB/s."""
+    a = torch.ones(mib * 2**20 // 4)
+    a.sum()
+    best = float("inf")
+    for _ in range(repeats):
+        t = time.perf_counter()
+        a.sum()
+        best = min(best, time.perf_counter() - t)
+    return a.numel() * 4 / best / 1e9
+
+
 def e2e_worker(backend: str, path: str, kind: str, llm_layers: int, sizes: list[tuple[int, int]],
-               new_tokens: int, repeats: int) -> dict:
-    """One backend in this process: per image, median TTFT / vision / prefill and decode rate."""
+               new_tokens: int, repeats: int, agree_tokens: int = 0, agree_dir: str | None = None) -> dict:
+    """One backend in this process: per image, median TTFT / vision / prefill and decode rate; with
+    ``agree_tokens``, one more greedy run of that many tokens whose token ids are returned and whose
+    first logits (the prompt's last position) go to ``agree_dir/<backend>-<image>.npy``."""
+    import numpy as np
     from hiwin_model.synthetic import draw_scene
 
     from hiwin_runtime.pipeline import Pipeline
@@ -241,7 +297,7 @@ def e2e_worker(backend: str, path: str, kind: str, llm_layers: int, sizes: list[
                                     genai=str(Path(path).parent / backend))
     else:
         pipe = Pipeline.from_export(path, threads=torch.get_num_threads())
-    out: dict = {"backend": backend, "images": {}}
+    out: dict = {"backend": backend, "images": {}, "weight_bytes": decoder_weight_bytes(backend, path, pipe)}
     for w, h in sizes:
         img = draw_scene(w, h, "square", "green", "bench")
         runs = []
@@ -254,23 +310,43 @@ def e2e_worker(backend: str, path: str, kind: str, llm_layers: int, sizes: list[
             "new_tokens": len(runs[0].token_ids), "token_ids": runs[0].token_ids,
             **{k: statistics.median(a.timings[k] for a in runs) for k in ("vision_s", "prefill_s", "ttft_s")},
             "decode_tok_s": statistics.median(a.decode_tokens_per_s for a in runs)}
+        if agree_tokens:
+            ans = pipe.generate(img, "What is in the image?", max_new_tokens=agree_tokens, ignore_eos=True,
+                                keep_logits=True)
+            out["images"][f"{w}x{h}"]["agree_token_ids"] = ans.token_ids
+            np.save(Path(agree_dir) / f"{backend}-{w}x{h}.npy", np.asarray(ans.logits[0], np.float32))
     out["peak_rss_mib"] = peak_rss_mib()
     return out
 
 
 E2E_COLUMNS = [("config", "config"), ("image", "image"), ("prompt", "prompt tokens (visual)"),
                ("backend", "backend"), ("vision_s", "vision s"), ("prefill_s", "prefill s"), ("ttft_s", "TTFT s"),
-               ("decode_tok_s", "decode tok/s"), ("peak_rss_mib", "peak RSS MiB"),
-               ("same_tokens", "same tokens as PyTorch")]
+               ("decode_tok_s", "decode tok/s"), ("weight_mib", "weights read/token MiB"),
+               ("floor_tok_s", "bandwidth floor tok/s"), ("of_floor", "decode ÷ floor"),
+               ("peak_rss_mib", "peak RSS MiB"), ("same_tokens", "same tokens as PyTorch")]
+AGREE_COLUMNS = [("config", "config"), ("image", "image"), ("backend", "backend"), ("reference", "reference"),
+                 ("lead", "same tokens until the first divergence"), ("matches", "matching positions"),
+                 ("cosine", "logits cosine (prompt's last position)")]
+# (backend, reference) pairs of the agreement report
+AGREE_PAIRS = (("ort", "torch"), ("genai-fp32", "torch"), ("genai-fp16", "genai-fp32"), ("genai-int4", "genai-fp32"))
 
 
-def run_e2e(a) -> Report:
+def run_e2e(a) -> list[Report]:
+    bw = memory_bandwidth_gbs()
     rep = Report(f"end to end (image + question -> {a.new_tokens} new tokens, greedy, EOS ignored), random "
                  f"weights, fp32, CPU ({torch.get_num_threads()} threads); median of {a.repeats}; real-width = "
-                 f"released widths, {a.llm_layers} of 32 Llama layers", E2E_COLUMNS,
-                 meta={"threads": torch.get_num_threads(), "repeats": a.repeats, "new_tokens": a.new_tokens})
+                 f"released widths, {a.llm_layers} of 32 Llama layers; memory bandwidth {bw:.1f} GB/s (streaming "
+                 f"read, same run); floor = bandwidth / decoder weight bytes", E2E_COLUMNS,
+                 meta={"threads": torch.get_num_threads(), "repeats": a.repeats, "new_tokens": a.new_tokens,
+                       "bandwidth_gbs": bw})
+    agree = Report(f"greedy agreement over {a.agree_tokens} new tokens (EOS ignored) and logits cosine at the "
+                   f"prompt's last position", AGREE_COLUMNS, meta={"tokens": a.agree_tokens})
+    rep.notes.append("weights read/token: every decoder weight incl. lm_head as stored (int4: packed weights + "
+                     "scales + zero points), embedding table excluded; the KV cache read is not counted")
     for kind in a.e2e:
         with tempfile.TemporaryDirectory(prefix="hiwin-bench-e2e-") as tmp:
+            agree_dir = Path(tmp) / "agree"
+            agree_dir.mkdir()
             log.info("exporting the %s model (fp32, random weights, no parity run) ...", kind)
             path = str(Path(tmp) / "export")
             # in a child process: the exporter's graph copies of the weights never return to the OS
@@ -282,17 +358,37 @@ def run_e2e(a) -> Report:
             for b in ("torch", "ort", *(f"genai-{p}" for p in a.genai)):
                 cmd = [sys.executable, "-m", "hiwin_export.bench", "--e2e-worker", b, "--export", path,
                        "--e2e", kind, "--llm-layers", str(a.llm_layers), "--new-tokens", str(a.new_tokens),
-                       "--repeats", str(a.repeats), "--sizes", *a.sizes]
+                       "--repeats", str(a.repeats), "--sizes", *a.sizes, "--agree-tokens", str(a.agree_tokens),
+                       "--agree-dir", str(agree_dir)]
                 log.info("running %s (%s) ...", b, kind)
                 r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
                 if r.returncode:
                     raise RuntimeError(f"{b} worker failed:\n{r.stderr[-4000:]}")
                 res[b] = json.loads(r.stdout.strip().splitlines()[-1])
-        format_e2e(kind, res, rep)
+            if a.agree_tokens:
+                format_agreement(kind, res, agree_dir, agree)
+        format_e2e(kind, res, rep, bandwidth_gbs=bw)
+    return [rep, agree] if a.agree_tokens else [rep]
+
+
+def format_agreement(kind: str, res: dict, agree_dir: Path, rep: Report) -> Report:
+    import numpy as np
+
+    for img in res["torch"]["images"]:
+        for b, ref in AGREE_PAIRS:
+            if b not in res or ref not in res:
+                continue
+            got, want = res[b]["images"][img]["agree_token_ids"], res[ref]["images"][img]["agree_token_ids"]
+            x = np.load(agree_dir / f"{b}-{img}.npy").astype(np.float64)
+            y = np.load(agree_dir / f"{ref}-{img}.npy").astype(np.float64)
+            lead = next((i for i, (p, q) in enumerate(zip(got, want)) if p != q), min(len(got), len(want)))
+            rep.add(config=kind, image=img, backend=b, reference=ref, lead=f"{lead} of {len(want)}",
+                    matches=f"{sum(p == q for p, q in zip(got, want))} of {len(want)}",
+                    cosine=f"{float(x @ y / (np.linalg.norm(x) * np.linalg.norm(y))):.6f}")
     return rep
 
 
-def format_e2e(kind: str, res: dict, rep: Report | None = None) -> Report:
+def format_e2e(kind: str, res: dict, rep: Report | None = None, *, bandwidth_gbs: float | None = None) -> Report:
     rep = rep or Report(f"end to end ({kind})", E2E_COLUMNS)
     for img, t in res["torch"]["images"].items():
         names = {"torch": "PyTorch", "ort": "ONNX Runtime", **{b: f"ORT + GenAI {b[6:]} (language)" for b in res
@@ -302,10 +398,14 @@ def format_e2e(kind: str, res: dict, rep: Report | None = None) -> Report:
                 continue
             r = res[b]["images"][img]
             same = "-" if b == "torch" else _agreement(r["token_ids"], t["token_ids"])
+            wb = res[b].get("weight_bytes")
+            floor = bandwidth_gbs * 1e9 / wb if (wb and bandwidth_gbs) else None
             rep.add(config=kind, image=img, prompt=f"{r['prompt_tokens']} ({r['visual_tokens']})", backend=name,
                     vision_s=r["vision_s"], prefill_s=r["prefill_s"], ttft_s=r["ttft_s"],
-                    decode_tok_s=round(r["decode_tok_s"], 1), peak_rss_mib=round(res[b]["peak_rss_mib"]),
-                    same_tokens=same)
+                    decode_tok_s=round(r["decode_tok_s"], 1), weight_mib=round(wb / 2**20, 1) if wb else None,
+                    floor_tok_s=round(floor, 1) if floor else None,
+                    of_floor=round(r["decode_tok_s"] / floor, 2) if floor else None,
+                    peak_rss_mib=round(res[b]["peak_rss_mib"]), same_tokens=same)
     return rep
 
 
@@ -330,6 +430,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="also write the report's rows as JSON to this file")
     p.add_argument("--genai", nargs="*", default=[], choices=["fp32", "fp16", "int4"],
                    help="with --e2e: also rows with the language half on ONNX Runtime GenAI at these precisions")
+    p.add_argument("--agree-tokens", type=int, default=64,
+                   help="with --e2e: greedy tokens of the agreement report (0: no report)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -339,6 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--e2e-worker", choices=["torch", "ort", "genai-fp32", "genai-fp16", "genai-int4"],
                     help=argparse.SUPPRESS)
     ap.add_argument("--e2e-export", help=argparse.SUPPRESS)
+    ap.add_argument("--agree-dir", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.e2e_export:
         from .export import export_model
@@ -353,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.e2e_worker:
         sizes = [tuple(int(x) for x in s.split("x")) for s in a.sizes]
         print(json.dumps(e2e_worker(a.e2e_worker, a.export, a.e2e[0], a.llm_layers, sizes, a.new_tokens,
-                                    a.repeats)))
+                                    a.repeats, a.agree_tokens, a.agree_dir)))
         return 0
     if a.worker:
         sizes = [tuple(int(x) for x in s.split("x")) for s in a.sizes]
@@ -368,10 +471,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def report(a) -> None:
     """Run, print the markdown table, and write ``--json`` if asked."""
-    rep = run(a)
-    print(rep.markdown())
+    reps = run(a)
+    reps = reps if isinstance(reps, list) else [reps]
+    print("\n\n".join(r.markdown() for r in reps))
     if a.json:
-        write_json([rep], a.json)
+        write_json(reps, a.json)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,8 @@
   hiwin-export llama-dir --model DIR --out LLAMA_DIR      the LLM as a plain HF Llama directory
   hiwin-export genai --model DIR|--llama LLAMA_DIR --out GENAI_DIR [--precision fp32|fp16|int4]
                [--export EXPORT_DIR]      ONNX Runtime GenAI model of the LLM (docs/genai.md)
+  hiwin-export trtllm --model DIR|--llama LLAMA_DIR --out DIR [--precision fp16|fp8|int4_awq]
+               [--export EXPORT_DIR]      TensorRT-LLM checkpoint of the LLM (docs/trtllm.md)
 
 Without ``--model`` the embedded tiny model is used (no network; ``run`` exports it to a temporary
 directory first). ``parity`` exits 1 when a bound is exceeded and writes ``parity.json`` +
@@ -208,6 +210,43 @@ def cmd_genai(a) -> int:
     return 0
 
 
+def cmd_trtllm(a) -> int:
+    from .trtllm import TrtLlmExportError, build_trtllm
+
+    if a.model and a.llama:
+        print("hiwin-export: trtllm: give --model or --llama, not both", file=sys.stderr)
+        return 2
+    language = None
+    if a.export:
+        from hiwin_runtime.manifest import ExportDir
+
+        language = ExportDir(a.export, verify=False).manifest.get("language")
+        if language is None:
+            print(f"hiwin-export: trtllm: {a.export} has no language model", file=sys.stderr)
+            return 2
+    images = None
+    if a.images:
+        from hiwin_runtime.image import load_image
+
+        images = [load_image(f) for f in a.images]
+    try:
+        facts = build_trtllm(a.out, model=None if a.llama else _model(a.model), llama_dir=a.llama,
+                             precision=a.precision, images=images, device=a.device, overwrite=a.overwrite,
+                             check=not a.no_check)
+    except TrtLlmExportError as e:
+        print(f"hiwin-export: trtllm: {e}", file=sys.stderr)
+        return 2
+    if language is not None:
+        from hiwin_runtime.trtllm import TrtLlmDir
+
+        TrtLlmDir(a.out).check_matches(language, a.export)
+    r = facts["recipe"]
+    check = f"; logits cosine vs source >= {r['check']['cosine_min']:.5f}" if "check" in r else ""
+    print(f"{a.out}: TensorRT-LLM checkpoint ({facts['precision']}"
+          f"{', ' + r['quant_algo'] if 'quant_algo' in r else ''}; {len(facts['files'])} files{check})")
+    return 0
+
+
 def _add_engine_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--export", required=True, help="export directory (hiwin-export export)")
     g.add_argument("--out", required=True, help="engine set directory to write")
@@ -300,6 +339,20 @@ def build_parser() -> argparse.ArgumentParser:
     ga.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int4"])
     ga.add_argument("--overwrite", action="store_true")
     ga.set_defaults(func=cmd_genai)
+    tl = sub.add_parser("trtllm", help="the LLM as a TensorRT-LLM checkpoint, fp16 / fp8 / int4-AWQ (docs/trtllm.md)")
+    tl.add_argument("--model", help="HF model directory (default: embedded tiny model)")
+    tl.add_argument("--llama", help="a Llama directory from `hiwin-export llama-dir` instead of --model "
+                                    "(calibration is then text-only)")
+    tl.add_argument("--export", help="export directory the checkpoint will serve with (checked to match)")
+    tl.add_argument("--out", required=True)
+    tl.add_argument("--precision", default="fp16", choices=["fp16", "fp8", "int4_awq"])
+    tl.add_argument("--images", nargs="*", help="calibration images (default: synthetic pages of 4 aspect ratios)")
+    tl.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                    help="where ModelOpt calibrates (cpu: fp32, ~4 bytes of RAM per parameter)")
+    tl.add_argument("--no-check", action="store_true",
+                    help="skip the logits check of the written checkpoint against the source")
+    tl.add_argument("--overwrite", action="store_true")
+    tl.set_defaults(func=cmd_trtllm)
     return ap
 
 

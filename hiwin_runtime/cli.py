@@ -2,6 +2,8 @@
 
   hiwin-run --model EXPORT_DIR --image FILE --prompt TEXT [--precision fp16] [--max-new-tokens N]
             [--engines ENGINE_DIR]      (vision on TensorRT engines, the LLM on ONNX Runtime)
+            [--language onnx|genai|trtllm --genai GENAI_DIR --trtllm TRTLLM_DIR]
+                                        (the LLM on ONNX Runtime GenAI / TensorRT-LLM)
 
 The answer streams to stdout, the timings go to stderr. ``hiwin-export run`` is the same command
 with defaults that need the exporter (the embedded tiny model, a generated page).
@@ -31,6 +33,11 @@ def add_run_args(r: argparse.ArgumentParser, *, model_required: bool = True) -> 
     r.add_argument("--template", default=None, choices=["vicuna_v1", "plain"])
     r.add_argument("--engines", default=None,
                    help="TensorRT engine set of the export (hiwin-export engines): the vision path runs on it")
+    r.add_argument("--language", default="onnx", choices=["onnx", "genai", "trtllm"],
+                   help="where the LLM runs: onnx (the export's graphs, our loop), genai (ONNX Runtime GenAI, "
+                        "--genai DIR), trtllm (TensorRT-LLM, --trtllm DIR)")
+    r.add_argument("--genai", default=None, help="ONNX Runtime GenAI directory (hiwin-export genai)")
+    r.add_argument("--trtllm", default=None, help="TensorRT-LLM checkpoint directory (hiwin-export trtllm)")
 
 
 def run(a, path: str, image) -> int:
@@ -43,6 +50,16 @@ def run(a, path: str, image) -> int:
     kw = {} if a.backend == "torch" else {"precision": a.precision}
     if getattr(a, "engines", None):
         kw["engines"] = a.engines
+    language = getattr(a, "language", "onnx")
+    if language != "onnx" or getattr(a, "genai", None) or getattr(a, "trtllm", None):
+        if a.backend == "torch":
+            raise ValueError("--language genai/trtllm runs on an export directory, not the PyTorch backend")
+        if language == "onnx":
+            raise ValueError("--genai / --trtllm need --language genai / trtllm")
+        want = {"genai": "genai", "trtllm": "trtllm"}[language]
+        if getattr(a, want) is None:
+            raise ValueError(f"--language {language} needs --{want} DIR")
+        kw.update(language=language, **{want: getattr(a, want)})
     pipe = Pipeline.load(path, backend=a.backend, **kw)
     log.info("backend: %s", pipe.backend.name)
 
@@ -66,8 +83,11 @@ def user_errors() -> tuple[type[BaseException], ...]:
     from .image import ImageError
     from .manifest import ExportError
     from .trt import TrtUnavailable
+    from .genai import GenAIUnavailable
+    from .trtllm import TrtLlmUnavailable
 
-    return (ExportError, ConfigError, ImageError, FileNotFoundError, FileExistsError, ValueError, TrtUnavailable)
+    return (ExportError, ConfigError, ImageError, FileNotFoundError, FileExistsError, ValueError, TrtUnavailable,
+            GenAIUnavailable, TrtLlmUnavailable)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -218,7 +218,8 @@ class Pipeline:
                     threads: int | None = None, max_concurrency: int = 4, max_vision_batch: int = 8,
                     max_upsample_batch: int = 1, verify: bool = True, engines: str | os.PathLike | None = None,
                     vision: str | None = None, language: str = "onnxruntime",
-                    genai: str | os.PathLike | None = None) -> "Pipeline":
+                    genai: str | os.PathLike | None = None,
+                    trtllm: str | os.PathLike | None = None, trtllm_kwargs: dict | None = None) -> "Pipeline":
         """ONNX Runtime on an export directory (``hiwin-export export``); files are sha256-checked.
 
         ``engines``: a TensorRT engine set of this export (``hiwin-export engines``) runs the vision
@@ -226,7 +227,11 @@ class Pipeline:
         Its vision precision is the one the engines were built from.
 
         ``language="genai"``: the LLM runs on ONNX Runtime GenAI from ``genai``, a directory built by
-        ``hiwin-export genai`` (docs/genai.md; :class:`~hiwin_runtime.genai.GenAIBackend`)."""
+        ``hiwin-export genai`` (docs/genai.md; :class:`~hiwin_runtime.genai.GenAIBackend`).
+
+        ``language="trtllm"``: the LLM runs on TensorRT-LLM's LLM API from ``trtllm``, a directory built
+        by ``hiwin-export trtllm`` (docs/trtllm.md; :class:`~hiwin_runtime.trtllm.TrtLlmBackend`, which
+        takes ``trtllm_kwargs``)."""
         from .config import HiwinConfig
         from .tokenizer import FileTokenizer
 
@@ -239,10 +244,12 @@ class Pipeline:
             raise ValueError(f"vision must be onnxruntime or tensorrt, got {vision!r}")
         if vision == "tensorrt" and engines is None:
             raise ValueError("vision='tensorrt' needs engines= (an engine set from `hiwin-export engines`)")
-        if language not in ("onnxruntime", "genai"):
-            raise ValueError(f"language must be onnxruntime or genai, got {language!r}")
+        if language not in ("onnxruntime", "genai", "trtllm"):
+            raise ValueError(f"language must be onnxruntime, genai or trtllm, got {language!r}")
         if language == "genai" and genai is None:
             raise ValueError("language='genai' needs genai= (a directory from `hiwin-export genai`)")
+        if language == "trtllm" and trtllm is None:
+            raise ValueError("language='trtllm' needs trtllm= (a directory from `hiwin-export trtllm`)")
         stages = None
         if vision == "tensorrt":
             from .trt import TrtRunner
@@ -256,6 +263,11 @@ class Pipeline:
             from .genai import GenAIBackend
 
             backend = GenAIBackend(genai, backend, language=lang, verify=verify)
+        elif language == "trtllm":
+            from .trtllm import TrtLlmBackend
+
+            backend = TrtLlmBackend(trtllm, backend, language=lang, verify=verify, max_batch_size=max_concurrency,
+                                    **(trtllm_kwargs or {}))
         tok_file = path / lang["tokenizer"] / "tokenizer.json"
         if not tok_file.is_file():
             raise ExportError(f"{path}: tokenizer missing ({tok_file.relative_to(path)})")
@@ -365,26 +377,34 @@ class Pipeline:
             rng = np.random.default_rng(cfg.seed) if cfg.do_sample else None
             eos = self.processor.ids.eos
             deltas = TextDeltas(self.processor.text)
-            logits, cache = self.backend.prefill(pre, visual, post)
-            t_first = time.perf_counter()
             ids: list[int] = []
             kept: list[np.ndarray] = []
             finish = "length"
-            for step in range(cfg.max_new_tokens):
+            if getattr(self.backend, "generates_tokens", False):  # the runtime runs the loop (TensorRT-LLM)
                 if keep_logits:
-                    kept.append(logits)
-                tok = sample_next(logits, cfg, rng)
-                if tok == eos and not cfg.ignore_eos:
-                    finish = "eos"
-                    break
-                ids.append(tok)
-                delta = self._tokenizer_call(deltas.push, tok)
-                if delta:
-                    yield delta
-                if step + 1 == cfg.max_new_tokens:
-                    break
-                logits, cache = self.backend.step(tok, cache, L + step)
-            t_end = time.perf_counter()
+                    raise RequestError(f"keep_logits is not available on {self.backend.name}")
+                t_first = None
+                gen = self.backend.generate_tokens(pre, visual, post, cfg)
+                try:
+                    while True:
+                        try:
+                            tok = next(gen)
+                        except StopIteration as stop:
+                            finish = stop.value or finish
+                            break
+                        if t_first is None:
+                            t_first = time.perf_counter()
+                        ids.append(tok)
+                        delta = self._tokenizer_call(deltas.push, tok)
+                        if delta:
+                            yield delta
+                finally:  # a stream closed early stops the runtime's request too
+                    gen.close()
+                t_end = time.perf_counter()
+                t_first = t_first or t_end
+            else:
+                t_first, t_end, finish = yield from self._loop(pre, visual, post, L, cfg, rng, eos, deltas, ids,
+                                                               kept, keep_logits)
             rest = self._tokenizer_call(deltas.flush)
             if rest:
                 yield rest
@@ -393,6 +413,28 @@ class Pipeline:
                       prompt_tokens=int(L), logits=kept if keep_logits else None,
                       timings={"vision_s": t_vis - t0, "prefill_s": t_first - t_vis, "ttft_s": t_first - t0,
                                "decode_s": t_end - t_first})
+
+    def _loop(self, pre, visual, post, L, cfg, rng, eos, deltas, ids, kept, keep_logits):
+        """Our own generation loop over the backend's logits: yields text deltas, returns
+        (first-token time, end time, finish reason)."""
+        logits, cache = self.backend.prefill(pre, visual, post)
+        t_first = time.perf_counter()
+        finish = "length"
+        for step in range(cfg.max_new_tokens):
+            if keep_logits:
+                kept.append(logits)
+            tok = sample_next(logits, cfg, rng)
+            if tok == eos and not cfg.ignore_eos:
+                finish = "eos"
+                break
+            ids.append(tok)
+            delta = self._tokenizer_call(deltas.push, tok)
+            if delta:
+                yield delta
+            if step + 1 == cfg.max_new_tokens:
+                break
+            logits, cache = self.backend.step(tok, cache, L + step)
+        return t_first, time.perf_counter(), finish
 
     def generate(self, image: ImageSource, question: str, *, on_text: Callable[[str], None] | None = None,
                  keep_logits: bool = False, **settings) -> Answer:

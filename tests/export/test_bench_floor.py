@@ -1,0 +1,64 @@
+"""`hiwin-export bench --e2e` additions: decoder weight bytes as stored (the bandwidth floor's numerator),
+the floor columns, and the greedy-agreement report (synthetic inputs; the real run is a benchmark)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def test_onnx_weight_bytes_counts_stored_bytes_without_the_embedding_table(tmp_path):
+    from hiwin_export.bench import onnx_weight_bytes
+
+    w = np.ones((64, 32), np.float32)            # 8192 bytes, external
+    q = np.ones((32, 4, 16), np.uint8)            # 2048 bytes, packed int4-like, inline
+    s = np.ones((32, 4), np.float16)              # 256 bytes, inline
+    e = np.ones((100, 32), np.float32)            # the embedding table: not read per token
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])],
+        [numpy_helper.from_array(w, "w"), numpy_helper.from_array(q, "q"), numpy_helper.from_array(s, "s"),
+         numpy_helper.from_array(e, "model.embed_tokens.weight")])
+    m = helper.make_model(g)
+    path = tmp_path / "m.onnx"
+    onnx.save_model(m, str(path), save_as_external_data=True, all_tensors_to_one_file=True, location="m.data",
+                    size_threshold=4096)
+    loaded = onnx.load(str(path), load_external_data=False)
+    assert {t.name for t in loaded.graph.initializer if t.data_location == TensorProto.EXTERNAL} >= {"w"}
+    assert onnx_weight_bytes(path) == 8192 + 2048 + 256
+
+
+def test_floor_columns_and_agreement_report(tmp_path):
+    from hiwin_export.bench import format_agreement, format_e2e, memory_bandwidth_gbs
+    from hiwin_runtime.bench import Report
+
+    bw = memory_bandwidth_gbs(mib=64, repeats=2)
+    assert 0.1 < bw < 10_000  # GB/s, a plausible machine
+
+    def side(tokens, agree, wb, rate):
+        return {"weight_bytes": wb, "peak_rss_mib": 100.0, "images": {"10x10": dict(
+            prompt_tokens=20, visual_tokens=12, new_tokens=len(tokens), token_ids=tokens, vision_s=0.1,
+            prefill_s=0.2, ttft_s=0.3, decode_tok_s=rate, agree_token_ids=agree)}}
+
+    ref = list(range(8))
+    res = {"torch": side(ref, ref, 4e9, 5.0), "ort": side(ref, ref, 4e9, 6.0),
+           "genai-fp32": side(ref, ref, 4e9, 7.0), "genai-int4": side(ref, ref[:3] + [99, 3, 4, 98, 7], 5e8, 30.0)}
+    rep = format_e2e("tiny", res, bandwidth_gbs=20.0)
+    int4 = next(r for r in rep.rows if r["backend"].startswith("ORT + GenAI int4"))
+    assert int4["floor_tok_s"] == 40.0 and int4["of_floor"] == 0.75 and int4["weight_mib"] == round(5e8 / 2**20, 1)
+    fp32 = next(r for r in rep.rows if r["backend"] == "ONNX Runtime")
+    assert fp32["floor_tok_s"] == 5.0 and fp32["of_floor"] == 1.2
+
+    rng = np.random.default_rng(0)
+    base = rng.standard_normal(50)
+    for b, v in (("torch", base), ("ort", base), ("genai-fp32", base), ("genai-int4", -base)):
+        np.save(tmp_path / f"{b}-10x10.npy", v.astype(np.float32))
+    agree = format_agreement("tiny", res, tmp_path, Report("a", []))
+    rows = {(r["backend"], r["reference"]): r for r in agree.rows}
+    assert rows[("genai-int4", "genai-fp32")]["lead"] == "3 of 8"
+    assert rows[("genai-int4", "genai-fp32")]["matches"] == "4 of 8"  # positions 0, 1, 2 and 7
+    assert rows[("genai-int4", "genai-fp32")]["cosine"] == "-1.000000"
+    assert rows[("genai-fp32", "torch")]["lead"] == "8 of 8" and rows[("genai-fp32", "torch")]["cosine"] == "1.000000"
+    assert ("genai-fp16", "genai-fp32") not in rows  # not run: no row
