@@ -447,6 +447,10 @@ class Reader:
                 log.info("  %s calibration sample %d/%d", self.family, self.n, self.cs.samples(self.family))
         return nxt
 
+    def get_first(self):
+        """The first sample without advancing (ModelOpt's reader protocol: a shape probe run)."""
+        return next(self.cs.feeds(self.family))
+
     def rewind(self):
         self._it, self.n = self.cs.feeds(self.family), 0
 

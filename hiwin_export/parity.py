@@ -40,7 +40,10 @@ log = logging.getLogger("hiwin_export")
 FP32_MAX_REL = 1e-4
 FP16_MIN_COSINE = 0.999
 INT8_MIN_COSINE = 0.99  # int8 (QDQ) graphs: per graph and for the visual tokens
-MIN_COSINE = {"fp16": FP16_MIN_COSINE, "int8": INT8_MIN_COSINE}
+FP8_MIN_COSINE = 0.995
+# int8: ONNX Runtime QDQ; int8trt / fp8trt: ModelOpt Q/DQ for TensorRT (evaluated on ONNX Runtime's CPU kernels)
+MIN_COSINE = {"fp16": FP16_MIN_COSINE, "int8": INT8_MIN_COSINE, "int8trt": INT8_MIN_COSINE, "fp8trt": FP8_MIN_COSINE}
+QUANTIZED = ("int8", "int8trt", "fp8trt")
 # (h, w) patch grids: every projector bucket, the 2-patch minimum, long thin crops.
 RANDOM_GRIDS = ((24, 24), (19, 29), (29, 19), (16, 32), (32, 16), (18, 24), (24, 18), (2, 2), (2, 9), (40, 7))
 # Full images: aspect ratios 1:4 ... 4:1 and extremes, slice counts 1..9 (max_slices 9).
@@ -87,8 +90,8 @@ class Harness:
 
     def __init__(self, model, export_dir: str | os.PathLike, *, precision: str = "fp32", seed: int = 0,
                  executor: str | None = None):
-        if precision not in ("fp32", "fp16", "int8"):
-            raise ValueError(f"precision must be fp32, fp16 or int8, got {precision!r}")
+        if precision not in ("fp32", *MIN_COSINE):
+            raise ValueError(f"precision must be one of fp32, {', '.join(MIN_COSINE)}, got {precision!r}")
         self.model = model.eval()
         self.export = ExportDir(export_dir)
         executor = executor or ("reference" if self.export.flavour == "tensorrt" else "onnxruntime")
