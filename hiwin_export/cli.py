@@ -166,6 +166,26 @@ def cmd_quantize(a) -> int:
     return 0
 
 
+def cmd_fp16_compare(a) -> int:
+    import json
+
+    from .calibration import build_calibration, held_out_images, load_recipe
+    from .fp16_compare import compare, markdown
+
+    families = tuple(a.families.split(","))
+    recipe = load_recipe(a.recipe)
+    with tempfile.TemporaryDirectory(prefix="hiwin-calib-") as tmp:
+        calib = a.calibration
+        if calib is None:
+            calib = str(Path(tmp) / "calibration")
+            build_calibration(a.export, calib, recipe=recipe, families=families)
+        result = compare(_model(a.model), a.export, calib, held_out_images(recipe=recipe), families=families)
+    print(markdown(result))
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
 def cmd_bench(a) -> int:
     from .bench import report
 
@@ -339,6 +359,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--families", default="vit,jbu,hiwin", help="graphs to quantize (default: vit,jbu,hiwin)")
     q.add_argument("--max-slices", type=int, default=None)
     q.set_defaults(func=cmd_quantize)
+    f = sub.add_parser("fp16-compare", help="our fp16 pass vs ModelOpt AutoCast on the same parity sweep")
+    f.add_argument("--export", required=True, help="export directory with the fp32 and fp16 vision graphs")
+    f.add_argument("--model", help="the HF model directory the graphs were exported from")
+    f.add_argument("--calibration", help="calibration directory (AutoCast's real inputs; default: calibrate now)")
+    f.add_argument("--recipe", help="recipe JSON (default: the built-in one)")
+    f.add_argument("--families", default="vit,jbu,hiwin")
+    f.add_argument("--json", help="also write the comparison as JSON")
+    f.set_defaults(func=cmd_fp16_compare)
     r = sub.add_parser("run", help="answer a question about an image from an export directory (streamed)")
     from hiwin_runtime.cli import add_run_args
 

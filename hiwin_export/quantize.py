@@ -173,10 +173,10 @@ def _ort_int8(src: Path, raw: Path, cs: CalibrationSet, fam: str, skip: list[str
                     op_types_to_quantize=list(ORT_OP_TYPES), per_channel=True, activation_type=QuantType.QUInt8,
                     weight_type=QuantType.QInt8, nodes_to_exclude=skip, use_external_data_format=True,
                     calibrate_method=CalibrationMethod.MinMax,
-                    # CalibMaxIntermediateOutputs: fold the min/max every few samples instead of holding every
-                    # sample's activations (real-dims memory)
-                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False,
-                                   "CalibMaxIntermediateOutputs": 4})
+                    # no CalibMaxIntermediateOutputs: in onnxruntime 1.32 it drops the collected ranges instead of
+                    # merging them (only the last partial group counts). MinMax keeps per-sample ReduceMin/Max
+                    # results only, not activations, so memory does not grow with the sample count anyway.
+                    extra_options={"WeightSymmetric": True, "ActivationSymmetric": False})
     return {"method": "onnxruntime.quantization.quantize_static, QDQ, MinMax", "op_types": list(ORT_OP_TYPES),
             "weights": "int8 per output channel, symmetric", "activations": "uint8 per tensor, asymmetric",
             "onnxruntime": onnxruntime.__version__}
