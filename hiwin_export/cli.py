@@ -186,6 +186,13 @@ def cmd_fp16_compare(a) -> int:
     return 0
 
 
+def cmd_bench_quant(a) -> int:
+    from .quant_bench import report
+
+    report(a)
+    return 0
+
+
 def cmd_bench(a) -> int:
     from .bench import report
 
@@ -377,6 +384,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="vision path at real dims: PyTorch eager vs ONNX Runtime, FLOP floor, peak RSS")
     add_args(b)
     b.set_defaults(func=cmd_bench)
+    from .quant_bench import add_args as add_quant_args
+
+    bq = sub.add_parser("bench-quant", help="ONNX Runtime int8 vs fp32 vision graphs, calibration time and peak RSS")
+    add_quant_args(bq)
+    bq.set_defaults(func=cmd_bench_quant)
     g = sub.add_parser("engines", help="TensorRT engine set of an export (or the trtexec script that builds it)")
     _add_engine_args(g)
     g.set_defaults(func=cmd_engines)
