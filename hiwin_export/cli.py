@@ -180,7 +180,13 @@ def cmd_fp16_compare(a) -> int:
             calib = str(Path(tmp) / "calibration")
             build_calibration(a.export, calib, recipe=recipe, families=families)
         result = compare(_model(a.model), a.export, calib, held_out_images(recipe=recipe), families=families)
-    print(markdown(result))
+        print(markdown(result))
+        if a.apply:
+            from .fp16_compare import apply_autocast
+
+            for name in apply_autocast(a.export, calib, tuple(a.apply.split(","))):
+                print(f"{a.export}: {name} is now ModelOpt AutoCast's conversion (check: hiwin-export parity "
+                      "--precision fp16)")
     if a.json:
         Path(a.json).write_text(json.dumps(result, indent=1))
     return 0
@@ -373,6 +379,8 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--recipe", help="recipe JSON (default: the built-in one)")
     f.add_argument("--families", default="vit,jbu,hiwin")
     f.add_argument("--json", help="also write the comparison as JSON")
+    f.add_argument("--apply", help="then replace these fp16 graphs by AutoCast's (e.g. jbu: where it measured at "
+                                   "least as good; docs/quantization.md)")
     f.set_defaults(func=cmd_fp16_compare)
     r = sub.add_parser("run", help="answer a question about an image from an export directory (streamed)")
     from hiwin_runtime.cli import add_run_args

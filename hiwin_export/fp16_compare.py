@@ -123,6 +123,46 @@ def compare(model, export_dir: str | os.PathLike, calibration, images, *, famili
     return result
 
 
+def apply_autocast(export_dir: str | os.PathLike, calibration, families=("jbu",), *, samples: int = 4) -> dict:
+    """Replace ``<family>.fp16`` of an onnx-flavour export by AutoCast's conversion (where the comparison
+    shows the library at least as good: the JBU, see :mod:`hiwin_export.precision`). Atomic per file,
+    manifest last; the entry's ``provenance`` names the tool. Returns the new entries."""
+    import modelopt
+
+    from .calibration import CalibrationSet
+    from .quantize import _commit
+
+    export = ExportDir(export_dir)
+    if export.flavour != "onnx":
+        raise ValueError(f"{export.path}: AutoCast cannot convert the {export.flavour!r} flavour's plugin nodes here; "
+                         "its fp16 graphs stay ours")
+    cs = calibration if isinstance(calibration, CalibrationSet) else CalibrationSet(calibration)
+    cs.check_export(export, families)
+    entries = {}
+    with tempfile.TemporaryDirectory(prefix="hiwin-autocast-", dir=export.path) as tmp:
+        tmp = Path(tmp)
+        for fam in families:
+            gid = GraphId(fam, None, "fp16")
+            export.graph_path(gid)
+            data = tmp / f"data-{fam}"
+            data.mkdir()
+            n = cs.samples(fam)
+            pick = set(np.linspace(0, n - 1, min(samples, n)).round().astype(int).tolist())
+            for i, f in enumerate(cs.feeds(fam)):
+                if i in pick:
+                    np.savez(data / f"{i:05d}.npz", **f)
+            ac = autocast_variant(export.graph_path(GraphId(fam)), data)
+            onnx.save_model(ac, str(tmp / gid.file), save_as_external_data=True, all_tensors_to_one_file=True,
+                            location=gid.weights_file, size_threshold=1024)
+            e = dict(export.graphs[gid.name])
+            e.update(sha256=sha256(tmp / gid.file), provenance={
+                "tool": "modelopt.onnx.autocast.convert_to_mixed_precision", "modelopt": modelopt.__version__,
+                "keep_io_types": True, "reference_samples": len(pick), "calibration_sha256": cs.content_sha256(fam)})
+            entries[gid.name] = e
+        _commit(export, tmp, entries)
+    return entries
+
+
 def markdown(result: dict) -> str:
     lines = ["| graph | variant | min cosine | worst max rel | parity (cos >= 0.999) | fp32 compute nodes | "
              "fp16 compute nodes | Casts | mixed fp32/fp16 nodes |", "|---|---|---|---|---|---|---|---|---|"]
