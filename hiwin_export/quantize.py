@@ -27,6 +27,7 @@ temp dir and renamed; the manifest last, so an interrupted run never lists a hal
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -197,14 +198,37 @@ def _modelopt(fp32: onnx.ModelProto, tmp: Path, raw: Path, cs: CalibrationSet, f
                     location=f"{fam}.data", size_threshold=1024)
     for name in ("modelopt", "modelopt.onnx"):  # it logs every pass at INFO, twice
         logging.getLogger(name).setLevel(logging.WARNING)
-    mo_quantize(str(src), quantize_mode=mode, calibration_data_reader=cs.reader(fam), calibration_method=method,
-                calibration_eps=["cpu"], high_precision_dtype="fp32", mha_accumulation_dtype="fp32",
-                op_types_to_exclude=list(KEEP_OP_TYPES), nodes_to_exclude=skip, use_external_data_format=True,
-                output_path=str(raw), log_level="WARNING")
+    with _ort_patches_undone():
+        mo_quantize(str(src), quantize_mode=mode, calibration_data_reader=cs.reader(fam), calibration_method=method,
+                    calibration_eps=["cpu"], high_precision_dtype="fp32", mha_accumulation_dtype="fp32",
+                    op_types_to_exclude=list(KEEP_OP_TYPES), nodes_to_exclude=skip, use_external_data_format=True,
+                    output_path=str(raw), log_level="WARNING")
     shutil.rmtree(work, ignore_errors=True)
     return {"method": f"modelopt.onnx.quantization.quantize, mode {mode}, calibration {method}",
             "high_precision_dtype": "fp32", "calibration_eps": ["cpu"], "modelopt": modelopt.__version__,
             "onnxruntime": onnxruntime.__version__}
+
+
+@contextlib.contextmanager
+def _ort_patches_undone():
+    """ModelOpt monkeypatches ONNX Runtime's calibrators and quantizer classes process-wide (its
+    ``patch_ort_modules``); after it, ONNX Runtime's own ``quantize_static`` (the ``ort`` backend) fails.
+    Every attribute of those classes and of the ``calibrate`` module is put back afterwards."""
+    from onnxruntime.quantization import base_quantizer, calibrate, qdq_quantizer
+
+    owners = [calibrate, *(v for v in vars(calibrate).values() if isinstance(v, type)),
+              base_quantizer.BaseQuantizer, qdq_quantizer.QDQQuantizer]
+    saved = [(o, dict(vars(o))) for o in owners]
+    try:
+        yield
+    finally:
+        for o, attrs in saved:
+            for k, v in attrs.items():
+                if vars(o).get(k) is not v:
+                    try:
+                        setattr(o, k, v)
+                    except (AttributeError, TypeError):  # read-only slots (__dict__, __doc__ of types)
+                        pass
 
 
 def _commit(export: ExportDir, tmp: Path, entries: dict) -> None:

@@ -211,3 +211,23 @@ def test_fp16_type_census_flags_mixed_types():
     m = helper.make_model(g)
     c = type_census(m)
     assert c["mixed_type_nodes"] == ["mixed"] and c["casts"] == 1
+
+
+@pytest.mark.slow
+def test_fp16_compare_and_autocast_apply(tiny_model, exported, calib, tmp_path):
+    """Both fp16 variants through the same sweep (ViT, one grid, one held-out page); then AutoCast's JBU
+    put in place of ours in a copy of the export, listed with its provenance and passing fp16 parity."""
+    from hiwin_export.calibration import held_out_images
+    from hiwin_export.fp16_compare import apply_autocast, compare, markdown
+
+    r = compare(tiny_model, exported, calib[0], held_out_images(recipe=SMALL)[:1], families=("vit",), grids=((3, 4),))
+    for v in ("ours", "autocast"):
+        assert r["vit"][v]["cases"] > 0 and r["vit"][v]["mixed_type_nodes"] == [] and r["vit"][v]["fp16_nodes"] > 0
+    assert r["vit"]["ours"]["ok"] and "| vit | autocast |" in markdown(r)
+    out = tmp_path / "e"
+    shutil.copytree(exported, out)
+    entries = apply_autocast(out, calib[0], ("jbu",))
+    assert entries["jbu.fp16"]["provenance"]["tool"].startswith("modelopt.onnx.autocast")
+    h = Harness(tiny_model, out, precision="fp16")
+    h.graph_cases(GraphId("jbu"), ((3, 4), (2, 9)))
+    h.assert_ok()
