@@ -31,6 +31,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -201,7 +202,10 @@ def _modelopt(fp32: onnx.ModelProto, tmp: Path, raw: Path, cs: CalibrationSet, f
     with _ort_patches_undone():
         mo_quantize(str(src), quantize_mode=mode, calibration_data_reader=cs.reader(fam), calibration_method=method,
                     calibration_eps=["cpu"], high_precision_dtype="fp32", mha_accumulation_dtype="fp32",
-                    op_types_to_exclude=list(KEEP_OP_TYPES), nodes_to_exclude=skip, use_external_data_format=True,
+                    # ModelOpt reads node names as regular expressions matched at the start (re.match): anchor
+                    # and escape them, or `node_matmul_1` would also exclude `node_matmul_10` ...
+                    op_types_to_exclude=list(KEEP_OP_TYPES), nodes_to_exclude=[re.escape(n) + "$" for n in skip],
+                    use_external_data_format=True,
                     output_path=str(raw), log_level="WARNING")
     shutil.rmtree(work, ignore_errors=True)
     return {"method": f"modelopt.onnx.quantization.quantize, mode {mode}, calibration {method}",
@@ -264,3 +268,41 @@ def quantize_int8(export_dir: str | os.PathLike, images, *, families=FAMILIES, m
                           max_slices=max_slices)
         return quantize(export.path, Path(tmp) / "calibration", backend="ort", mode="int8", families=families,
                         nodes_to_exclude=nodes_to_exclude)
+
+
+def quantised_nodes(proto: onnx.ModelProto) -> list[str]:
+    """Compute nodes of a Q/DQ graph that read a dequantised tensor (the nodes quantisation changed)."""
+    dq = {n.output[0] for n in proto.graph.node if n.op_type == "DequantizeLinear"}
+    return [n.name for n in proto.graph.node if n.op_type not in ("QuantizeLinear", "DequantizeLinear")
+            and any(i in dq for i in n.input)]
+
+
+def sensitivity(model, export_dir: str | os.PathLike, calibration, images, *, family: str = "hiwin",
+                backend: str = "modelopt", mode: str = "fp8", method: str | None = None) -> list[dict]:
+    """Per-node sensitivity of one graph: quantise it with each quantised node left out in turn (on
+    a scratch copy of the export) and measure the visual tokens on ``images`` (the held-out split);
+    rows sorted by the cosine gained. The first row is the node to keep in fp32 first."""
+    from .parity import Harness
+
+    precision = PRECISION[backend, mode]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="hiwin-sensitivity-") as tmp:
+        scratch = Path(tmp) / "export"
+        shutil.copytree(export_dir, scratch, ignore=shutil.ignore_patterns("reports", "bundles", "*.int8*", "*trt*"))
+
+        def tokens_cosine(extra=()) -> float:
+            # the baseline quantises every graph; each trial re-quantises only `family`, one node left out
+            quantize(scratch, calibration, backend=backend, mode=mode, method=method,
+                     families=(family,) if extra else FAMILIES, nodes_to_exclude=extra)
+            h = Harness(model, scratch, precision=precision)
+            h.image_cases(images)
+            return h.summary()["vision-path"]["min_cosine"]
+
+        base = tokens_cosine()
+        nodes = quantised_nodes(onnx.load(str(scratch / GraphId(family, None, precision).file),
+                                          load_external_data=False))
+        for i, node in enumerate(nodes, 1):
+            log.info("sensitivity %d/%d: %s left out", i, len(nodes), node)
+            cos = tokens_cosine((node,))
+            rows.append({"node": node, "tokens_min_cosine": cos, "gain": cos - base, "baseline": base})
+    return sorted(rows, key=lambda r: -r["gain"])
