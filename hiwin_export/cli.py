@@ -82,7 +82,7 @@ def cmd_parity(a) -> int:
         # of the calibration recipe (or of --data DIR) unless --images, then greedy tokens through the LLM
         from hiwin_runtime.image import load_image
 
-        from .calibration import held_out_images, load_recipe, select_images
+        from .calibration import load_recipe, select_images
 
         if a.images:
             images = [load_image(p) for p in a.images]
