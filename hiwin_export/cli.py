@@ -75,20 +75,50 @@ def _demo_image():
 
 
 def cmd_parity(a) -> int:
-    from .parity import IMAGE_SIZES, RANDOM_GRIDS, Harness, ParityError
+    from .parity import IMAGE_SIZES, QUANTIZED, RANDOM_GRIDS, Harness, ParityError
 
     h = Harness(_model(a.model), a.export, precision=a.precision)
-    if a.precision != "int8":  # int8 ranges come from real pages: random inputs are out of calibration
+    extra = {}
+    if a.precision in QUANTIZED:
+        # quantised graphs: real images only (random inputs are outside any calibration), the held-out split
+        # of the calibration recipe (or of --data DIR) unless --images, then greedy tokens through the LLM
+        from hiwin_runtime.image import load_image
+
+        from .calibration import load_recipe, select_images
+
+        if a.images:
+            images = [load_image(p) for p in a.images]
+            extra["images"] = list(a.images)
+        else:
+            recipe = load_recipe(a.recipe)
+            specs = select_images("held_out", data=a.data, recipe=recipe)
+            specs = specs[:3] if a.quick else specs
+            images = [sp.load() for sp in specs]
+            extra["images"] = [sp.name for sp in specs]
+            extra["split"] = "held_out"
+        if not images:
+            print("hiwin-export: parity: no held-out images", file=sys.stderr)
+            return 2
+        h.image_cases(images)
+        if "language" in h.export.manifest and a.tokens > 0:
+            h.token_agreement(images, max_new_tokens=a.tokens)
+        extra["provenance"] = {g: e.get("provenance") for g, e in h.export.graphs.items()
+                               if e.get("precision") == a.precision}
+    else:
         grids = RANDOM_GRIDS[:4] if a.quick else RANDOM_GRIDS
         h.random_cases(grids)
         language = [g for g in ("embed", "llm") if g in h.export.graphs]
         if language:
             h.language_cases(language)
-    if not a.quick or a.images or a.precision == "int8":
-        from hiwin_model.synthetic import parity_pages
+        if not a.quick or a.images:
+            from hiwin_model.synthetic import parity_pages
 
-        h.image_cases(a.images or parity_pages(IMAGE_SIZES[:3] if a.quick else IMAGE_SIZES))
-    jp, mp = h.write_report(a.report_dir or Path(a.export) / "reports")
+            h.image_cases(a.images or parity_pages(IMAGE_SIZES[:3] if a.quick else IMAGE_SIZES))
+    if a.report_json or a.report_md:
+        out_dir = a.report_dir or Path(a.export) / "reports"
+        jp, mp = h.write_report(out_dir, json_path=a.report_json, md_path=a.report_md, extra=extra)
+    else:
+        jp, mp = h.write_report(a.report_dir or Path(a.export) / "reports", extra=extra)
     print(h.markdown())
     print(f"reports: {jp}, {mp}")
     try:
@@ -99,21 +129,75 @@ def cmd_parity(a) -> int:
     return 0
 
 
-# Default calibration pages: aspect ratios 1:3 ... 3:1, none of them a parity page size (parity's
-# image cases are the held-out set).
+# Default calibration pages of `quantize --images` when neither --calibration nor --data is given: the recipe
+# (hiwin_export.calibration.DEFAULT_RECIPE). Kept for the README's Python example: aspect ratios 1:3 ... 3:1,
+# none of them a parity page size.
 CALIBRATION_SIZES = ((1000, 660), (800, 600), (660, 1000), (600, 800), (1200, 400), (400, 1200), (700, 700))
 
 
+def cmd_calibrate(a) -> int:
+    from .calibration import build_calibration, load_recipe
+
+    idx = build_calibration(a.export, a.out, data=a.data, recipe=load_recipe(a.recipe),
+                            families=tuple(a.families.split(",")), max_slices=a.max_slices, overwrite=a.overwrite)
+    for f, g in idx["graphs"].items():
+        print(f"{a.out}/{g['file']}: {g['samples']} samples from {len(idx['images'])} images, "
+              f"content sha256 {g['content_sha256'][:12]}")
+    return 0
+
+
 def cmd_quantize(a) -> int:
-    from hiwin_model.synthetic import parity_pages
+    from .calibration import build_calibration, load_recipe
+    from .quantize import quantize
 
-    from .quantize import quantize_int8
+    families = tuple(a.families.split(","))
+    with tempfile.TemporaryDirectory(prefix="hiwin-calib-") as tmp:
+        calib = a.calibration
+        if calib is None:  # calibrate now (the recipe's calibration split, or --data / --images), then quantise
+            from PIL import Image
 
-    images = a.images or parity_pages(CALIBRATION_SIZES)
-    entries = quantize_int8(a.export, images, families=tuple(a.families.split(",")), max_slices=a.max_slices)
+            calib = str(Path(tmp) / "calibration")
+            images = [Image.open(p) for p in a.images] if a.images else None
+            build_calibration(a.export, calib, data=a.data, recipe=load_recipe(a.recipe), images=images,
+                              families=families, max_slices=a.max_slices)
+        entries = quantize(a.export, calib, backend=a.backend, mode=a.mode, method=a.method, families=families)
     for name, e in sorted(entries.items()):
-        print(f"{a.export}/{e['file']}: {e['provenance']['calibration_samples']} calibration samples, "
-              f"sha256 {e['provenance']['calibration_sha256'][:12]}")
+        p = e["provenance"]
+        print(f"{a.export}/{e['file']}: {p['qdq_pairs']} Q/DQ pairs, {p['calibration_samples']} calibration samples, "
+              f"sha256 {p['calibration_sha256'][:12]} ({p['method']})")
+    return 0
+
+
+def cmd_fp16_compare(a) -> int:
+    import json
+
+    from .calibration import build_calibration, held_out_images, load_recipe
+    from .fp16_compare import compare, markdown
+
+    families = tuple(a.families.split(","))
+    recipe = load_recipe(a.recipe)
+    with tempfile.TemporaryDirectory(prefix="hiwin-calib-") as tmp:
+        calib = a.calibration
+        if calib is None:
+            calib = str(Path(tmp) / "calibration")
+            build_calibration(a.export, calib, recipe=recipe, families=families)
+        result = compare(_model(a.model), a.export, calib, held_out_images(recipe=recipe), families=families)
+        print(markdown(result))
+        if a.apply:
+            from .fp16_compare import apply_autocast
+
+            for name in apply_autocast(a.export, calib, tuple(a.apply.split(","))):
+                print(f"{a.export}: {name} is now ModelOpt AutoCast's conversion (check: hiwin-export parity "
+                      "--precision fp16)")
+    if a.json:
+        Path(a.json).write_text(json.dumps(result, indent=1))
+    return 0
+
+
+def cmd_bench_quant(a) -> int:
+    from .quant_bench import report
+
+    report(a)
     return 0
 
 
@@ -295,16 +379,48 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--report-dir")
     p.add_argument("--images", nargs="*", help="image files for the real-image cases")
     p.add_argument("--quick", action="store_true", help="fewer shapes (smoke test)")
-    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
-                   help="int8: the vision graphs on real pages only (generated pages the default calibration never sees)")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8", "int8trt", "fp8trt"],
+                   help="int8 / int8trt / fp8trt (hiwin-export quantize): the vision graphs on the held-out images "
+                        "of the calibration recipe (or --data / --images), and greedy tokens through the fp32 LLM")
+    p.add_argument("--data", help="quantised precisions: image folder whose held-out split is checked")
+    p.add_argument("--recipe", help="quantised precisions: calibration recipe JSON (default: calibration/recipe.json's)")
+    p.add_argument("--tokens", type=int, default=16, help="quantised precisions: greedy tokens compared (0: none)")
+    p.add_argument("--report-json", help="write the JSON report here (default: REPORT_DIR/parity.<precision>.json)")
+    p.add_argument("--report-md", help="write the Markdown report here")
     p.set_defaults(func=cmd_parity)
-    q = sub.add_parser("quantize", help="add int8 (ONNX Runtime QDQ) vision graphs, calibrated through the crop chain")
+    c = sub.add_parser("calibrate", help="calibration tensors for the quantised vision graphs (calibration/README.md)")
+    c.add_argument("--export", required=True, help="export directory with the fp32 vit, jbu and hiwin graphs")
+    c.add_argument("--out", required=True, help="calibration directory to write")
+    c.add_argument("--data", help="image folder (split by a hash of each file; default: the recipe's sets)")
+    c.add_argument("--recipe", help="recipe JSON (default: the built-in one, calibration/recipe.json)")
+    c.add_argument("--families", default="vit,jbu,hiwin")
+    c.add_argument("--max-slices", type=int, default=None, help="default: the recipe's (9)")
+    c.add_argument("--overwrite", action="store_true")
+    c.set_defaults(func=cmd_calibrate)
+    q = sub.add_parser("quantize", help="add quantised vision graphs: int8 for ONNX Runtime (ort), int8 / fp8 Q/DQ "
+                                        "for TensorRT (modelopt)")
     q.add_argument("--export", required=True, help="export directory with the fp32 vit, jbu and hiwin graphs")
-    q.add_argument("--images", nargs="*", help="calibration images (default: generated pages at %d aspect ratios)"
-                   % len(CALIBRATION_SIZES))
+    q.add_argument("--backend", default="ort", choices=["ort", "modelopt"],
+                   help="ort: int8 graphs for ONNX Runtime's CPU kernels (default); modelopt: Q/DQ for TensorRT")
+    q.add_argument("--mode", default="int8", choices=["int8", "fp8"], help="fp8: modelopt only (H100)")
+    q.add_argument("--method", help="modelopt calibration method (int8: max or entropy; default max)")
+    q.add_argument("--calibration", help="calibration directory (hiwin-export calibrate); default: calibrate now")
+    q.add_argument("--data", help="image folder to calibrate on now (default: the recipe's calibration split)")
+    q.add_argument("--recipe", help="recipe JSON (default: the built-in one)")
+    q.add_argument("--images", nargs="*", help="calibration image files instead of a folder or the recipe")
     q.add_argument("--families", default="vit,jbu,hiwin", help="graphs to quantize (default: vit,jbu,hiwin)")
-    q.add_argument("--max-slices", type=int, default=9)
+    q.add_argument("--max-slices", type=int, default=None)
     q.set_defaults(func=cmd_quantize)
+    f = sub.add_parser("fp16-compare", help="our fp16 pass vs ModelOpt AutoCast on the same parity sweep")
+    f.add_argument("--export", required=True, help="export directory with the fp32 and fp16 vision graphs")
+    f.add_argument("--model", help="the HF model directory the graphs were exported from")
+    f.add_argument("--calibration", help="calibration directory (AutoCast's real inputs; default: calibrate now)")
+    f.add_argument("--recipe", help="recipe JSON (default: the built-in one)")
+    f.add_argument("--families", default="vit,jbu,hiwin")
+    f.add_argument("--json", help="also write the comparison as JSON")
+    f.add_argument("--apply", help="then replace these fp16 graphs by AutoCast's (e.g. jbu: where it measured at "
+                                   "least as good; docs/quantization.md)")
+    f.set_defaults(func=cmd_fp16_compare)
     r = sub.add_parser("run", help="answer a question about an image from an export directory (streamed)")
     from hiwin_runtime.cli import add_run_args
 
@@ -315,6 +431,11 @@ def build_parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="vision path at real dims: PyTorch eager vs ONNX Runtime, FLOP floor, peak RSS")
     add_args(b)
     b.set_defaults(func=cmd_bench)
+    from .quant_bench import add_args as add_quant_args
+
+    bq = sub.add_parser("bench-quant", help="ONNX Runtime int8 vs fp32 vision graphs, calibration time and peak RSS")
+    add_quant_args(bq)
+    bq.set_defaults(func=cmd_bench_quant)
     g = sub.add_parser("engines", help="TensorRT engine set of an export (or the trtexec script that builds it)")
     _add_engine_args(g)
     g.set_defaults(func=cmd_engines)

@@ -40,7 +40,10 @@ log = logging.getLogger("hiwin_export")
 FP32_MAX_REL = 1e-4
 FP16_MIN_COSINE = 0.999
 INT8_MIN_COSINE = 0.99  # int8 (QDQ) graphs: per graph and for the visual tokens
-MIN_COSINE = {"fp16": FP16_MIN_COSINE, "int8": INT8_MIN_COSINE}
+FP8_MIN_COSINE = 0.995
+# int8: ONNX Runtime QDQ; int8trt / fp8trt: ModelOpt Q/DQ for TensorRT (evaluated on ONNX Runtime's CPU kernels)
+MIN_COSINE = {"fp16": FP16_MIN_COSINE, "int8": INT8_MIN_COSINE, "int8trt": INT8_MIN_COSINE, "fp8trt": FP8_MIN_COSINE}
+QUANTIZED = ("int8", "int8trt", "fp8trt")
 # (h, w) patch grids: every projector bucket, the 2-patch minimum, long thin crops.
 RANDOM_GRIDS = ((24, 24), (19, 29), (29, 19), (16, 32), (32, 16), (18, 24), (24, 18), (2, 2), (2, 9), (40, 7))
 # Full images: aspect ratios 1:4 ... 4:1 and extremes, slice counts 1..9 (max_slices 9).
@@ -87,8 +90,8 @@ class Harness:
 
     def __init__(self, model, export_dir: str | os.PathLike, *, precision: str = "fp32", seed: int = 0,
                  executor: str | None = None):
-        if precision not in ("fp32", "fp16", "int8"):
-            raise ValueError(f"precision must be fp32, fp16 or int8, got {precision!r}")
+        if precision not in ("fp32", *MIN_COSINE):
+            raise ValueError(f"precision must be one of fp32, {', '.join(MIN_COSINE)}, got {precision!r}")
         self.model = model.eval()
         self.export = ExportDir(export_dir)
         executor = executor or ("reference" if self.export.flavour == "tensorrt" else "onnxruntime")
@@ -101,6 +104,7 @@ class Harness:
         self.suffix = "" if precision == "fp32" else f".{precision}"
         self.criterion = f"max_rel<={FP32_MAX_REL:g}" if precision == "fp32" else f"cosine>={MIN_COSINE[precision]:g}"
         self.records: list[Record] = []
+        self.agreement: list[dict] = []  # token_agreement()
 
     def _ok(self, max_rel: float, cosine: float, finite: bool) -> bool:
         good = max_rel <= FP32_MAX_REL if self.precision == "fp32" else cosine >= MIN_COSINE[self.precision]
@@ -231,6 +235,26 @@ class Harness:
             self._compare(GraphId("llm"), f"{step}, batch {batch}, past {P}, seq {seq}", feeds, ref)
             past = list(outs[1:])
 
+    def token_agreement(self, images, *, question: str = "Describe the image in detail.", max_new_tokens: int = 16,
+                        max_slices: int = 9) -> list[dict]:
+        """Greedy answers through the exported fp32 LLM, once from the fp32 vision graphs and once from
+        this harness's precision: per image, the agreeing prefix and the fraction of equal positions
+        (reported, not bounded: the visual-token bounds decide). Needs an export with the language graphs."""
+        from hiwin_runtime.pipeline import Pipeline
+
+        if "language" not in self.export.manifest:
+            raise ParityError(f"{self.export.path}: token agreement needs the language graphs (a full export)")
+        ref = Pipeline.from_export(self.export.path, precision="fp32", verify=False)
+        test = Pipeline.from_export(self.export.path, precision=self.precision, verify=False)
+        for img in images:
+            kw = dict(max_new_tokens=max_new_tokens, max_slices=max_slices, ignore_eos=True)
+            a, b = ref.generate(img, question, **kw).token_ids, test.generate(img, question, **kw).token_ids
+            prefix = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+            n = max(len(a), len(b), 1)
+            self.agreement.append({"case": f"image {img.size[0]}x{img.size[1]}", "tokens": n, "agreeing_prefix": prefix,
+                                   "agreement": sum(x == y for x, y in zip(a, b)) / n, "fp32": a, self.precision: b})
+        return self.agreement
+
     # ------------------------------------------------------------------ report
     def summary(self) -> dict:
         out: dict = {}
@@ -244,13 +268,20 @@ class Harness:
             s["ok"] = s["ok"] and r.ok
         return out
 
-    def write_report(self, out_dir: str | os.PathLike) -> tuple[Path, Path]:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
+    def write_report(self, out_dir: str | os.PathLike | None = None, *, json_path=None, md_path=None,
+                     extra: dict | None = None) -> tuple[Path, Path]:
+        """``parity<.precision>.json`` / ``.md`` in ``out_dir``, or the given paths."""
+        if out_dir is None and (json_path is None or md_path is None):
+            raise ValueError("write_report needs out_dir or both json_path and md_path")
         report = {"precision": self.precision, "criterion": self.criterion, "executor": self.executor,
                   "flavour": self.export.flavour, "summary": self.summary(),
-                  "records": [asdict(r) for r in self.records]}
-        jp, mp = out / f"parity{self.suffix}.json", out / f"parity{self.suffix}.md"
+                  "records": [asdict(r) for r in self.records], **(extra or {})}
+        if self.agreement:
+            report["token_agreement"] = self.agreement
+        jp = Path(json_path) if json_path else Path(out_dir) / f"parity{self.suffix}.json"
+        mp = Path(md_path) if md_path else Path(out_dir) / f"parity{self.suffix}.md"
+        for p in (jp, mp):
+            p.parent.mkdir(parents=True, exist_ok=True)
         _atomic_write(jp, json.dumps(report, indent=1))
         _atomic_write(mp, self.markdown())
         return jp, mp
@@ -262,6 +293,11 @@ class Harness:
         for g, s in self.summary().items():
             lines.append(f"| {g} | {s['cases']} | {s['worst_max_abs']:.3e} | {s['worst_max_rel']:.3e} | "
                          f"{s['min_cosine']:.9f} | {s['criterion']} | {'yes' if s['ok'] else 'NO'} |")
+        if self.agreement:
+            lines += ["", f"| greedy tokens (fp32 LLM; fp32 vs {self.precision} vision) | tokens | agreeing prefix "
+                      "| equal positions |", "|---|---|---|---|"]
+            lines += [f"| {a['case']} | {a['tokens']} | {a['agreeing_prefix']} | {a['agreement']:.3f} |"
+                      for a in self.agreement]
         return "\n".join(lines) + "\n"
 
     def assert_ok(self) -> None:

@@ -24,7 +24,9 @@ def add_run_args(r: argparse.ArgumentParser, *, model_required: bool = True) -> 
     r.add_argument("--image", required=model_required, help="image file")
     r.add_argument("--prompt", default="What is in the image?")
     r.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch"])
-    r.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="which exported graphs (ORT)")
+    r.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+                   help="which exported graphs (ORT); int8: the int8 vision graphs (hiwin-export quantize) "
+                        "with the fp32 LLM")
     r.add_argument("--max-new-tokens", type=int, default=64)
     r.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
     r.add_argument("--top-p", type=float, default=1.0)

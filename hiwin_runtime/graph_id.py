@@ -17,7 +17,10 @@ from dataclasses import dataclass, replace
 VISION_FAMILIES = ("vit", "jbu", "hiwin")
 LANGUAGE_FAMILIES = ("embed", "llm")
 FAMILIES = VISION_FAMILIES + LANGUAGE_FAMILIES
-PRECISIONS = ("fp32", "fp16", "int8")  # int8: ONNX Runtime QDQ vision graphs (hiwin_export.quantize)
+# int8: ONNX Runtime QDQ vision graphs for its CPU kernels; int8trt / fp8trt: Q/DQ vision graphs placed
+# for TensorRT by NVIDIA ModelOpt (A100 / Orin int8, H100 fp8). All three: hiwin_export.quantize.
+PRECISIONS = ("fp32", "fp16", "int8", "int8trt", "fp8trt")
+QUANTIZED = ("int8", "int8trt", "fp8trt")
 _NAME = re.compile(r"^(?P<family>[a-z]+)(?:_(?P<oh>\d+)x(?P<ow>\d+))?(?:\.(?P<precision>[a-z0-9]+))?$")
 
 

@@ -125,7 +125,8 @@ def prompt_table_ids(pre: list[int], num_visual: int, post: list[int], vocab_siz
 
 
 class OrtBackend(Backend):
-    """The exported graphs on ONNX Runtime; ``precision="fp16"`` uses the ``*.fp16`` graphs."""
+    """The exported graphs on ONNX Runtime; ``precision="fp16"`` uses the ``*.fp16`` graphs;
+    ``"int8"`` (or ``"int8trt"``, ``"fp8trt"``) the quantised vision graphs with the fp32 LLM."""
 
     name = "onnxruntime"
 
@@ -135,15 +136,19 @@ class OrtBackend(Backend):
         from .graph_id import GraphId
         from .ort import OnnxRunner, default_providers
 
-        if precision not in ("fp32", "fp16"):
-            raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
+        from .graph_id import QUANTIZED
+
+        if precision not in ("fp32", "fp16", *QUANTIZED):
+            raise ValueError(f"precision must be one of fp32, fp16, {', '.join(QUANTIZED)}, got {precision!r}")
         lang = export.manifest.get("language")
         if lang is None:
             raise ExportError(f"{export.path}: no language model in this export (a vision-only export; "
                               "re-export with the full model)")
         self.export, self.lang = export, lang
-        self.embed_graph = GraphId(lang["embed_graph"], None, precision)
-        self.decoder_graph = GraphId(lang["decoder_graph"], None, precision)
+        # quantised precisions are vision graphs only (hiwin-export quantize): the LLM stays fp32
+        lang_precision = "fp32" if precision in QUANTIZED else precision
+        self.embed_graph = GraphId(lang["embed_graph"], None, lang_precision)
+        self.decoder_graph = GraphId(lang["decoder_graph"], None, lang_precision)
         for g in (GraphId("vit", None, precision), GraphId("jbu", None, precision), self.embed_graph,
                   self.decoder_graph):
             export.graph_path(g)  # a clear error for a missing graph, before any request

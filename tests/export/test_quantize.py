@@ -94,7 +94,11 @@ def test_cli_quantize_and_int8_parity(exported, tmp_path, capsys):
 
     out = tmp_path / "e"
     shutil.copytree(exported, out)
-    assert main(["quantize", "--export", str(out), "--families", "vit"]) == 0
+    pages = []
+    for i, page in enumerate(parity_pages(CALIBRATION[:2])):
+        pages.append(str(tmp_path / f"page{i}.png"))
+        page.save(pages[-1])
+    assert main(["quantize", "--export", str(out), "--families", "vit", "--images", *pages]) == 0
     assert "vit.int8.onnx" in capsys.readouterr().out
     assert main(["parity", "--export", str(out), "--precision", "int8", "--quick"]) == 2  # jbu/hiwin int8 missing
     assert "no graph 'jbu.int8'" in capsys.readouterr().err
