@@ -5,6 +5,7 @@
   hiwin make-tiny OUT                                          tiny random checkpoint (official layout)
   hiwin make-data OUT                                          generated images + LLaVA JSON
   hiwin train stage0|stage1|stage2 ...                         the three training stages
+  hiwin train demo --output OUT                                the embedded demo model's recipe (docs/demo.md)
   hiwin bench-vision [--width 1008 --height 672]               vision path at real dims: time, peak RSS
 
 Without ``--model``, ``generate`` uses the embedded tiny model (random weights: the answer is
@@ -99,6 +100,20 @@ def cmd_bench_vision(args) -> int:
 
 
 def cmd_train(args) -> int:
+    if args.stage == "demo":
+        from dataclasses import replace
+
+        from .train.demo import DemoRecipe, train_demo
+
+        recipe = DemoRecipe(seed=args.seed, log_every=args.log_every)
+        if args.steps:
+            recipe = replace(recipe, stage2_steps=args.steps)
+        if args.n_train:
+            recipe = replace(recipe, n_train=args.n_train)
+        print(train_demo(args.output, recipe, device=args.device))
+        return 0
+    if not args.model:
+        raise SystemExit(f"hiwin train {args.stage}: --model is required")
     if args.stage == "stage0":
         from .train.stage0 import Stage0Args, train_stage0
 
@@ -164,8 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench_vision)
 
     tr = sub.add_parser("train", help="training stages (multi-GPU: launch with torchrun)")
-    tr.add_argument("stage", choices=["stage0", "stage1", "stage2"])
-    tr.add_argument("--model", required=True, help="HF model directory to start from")
+    tr.add_argument("stage", choices=["stage0", "stage1", "stage2", "demo"],
+                    help="demo: the whole recipe of the embedded demo model, stages 0 -> 1 -> 2 (docs/demo.md)")
+    tr.add_argument("--model", help="HF model directory to start from (not for demo)")
+    tr.add_argument("--n-train", type=int, default=None, help="demo: training images (default 4000)")
     tr.add_argument("--output", required=True)
     tr.add_argument("--images", help="stage0: folder of images")
     tr.add_argument("--data", help="stage1/2: LLaVA-style JSON")

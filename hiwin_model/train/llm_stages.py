@@ -52,6 +52,7 @@ class StageArgs:
     save_every: int = 0
     device: str | None = None
     deterministic: bool = False  # bitwise-reproducible loop on CPU (train.common.deterministic_mode)
+    projector_impl: str = "faithful"  # "fast": same maths, fewer FLOPs (docs/model.md §4.9); same weights
 
 
 def trainable_parameters(model: HiwinForCausalLM, stage: int) -> list[nn.Parameter]:
@@ -104,7 +105,8 @@ def train_stage(args: StageArgs) -> list[float]:
     state_file = out / "trainer_state.pt"
     resuming = args.resume and state_file.is_file()
     src = out if (resuming and args.stage == 2) else Path(args.model)
-    model = HiwinForCausalLM.from_pretrained(src, dtype=parse_dtype(args.dtype), device=d.device)
+    model = HiwinForCausalLM.from_pretrained(src, dtype=parse_dtype(args.dtype), device=d.device,
+                                             projector_impl=args.projector_impl)
     if resuming and args.stage == 1:
         model.load_projector_weights(out / "mm_projector.bin")
     elif args.projector_weights:
