@@ -8,8 +8,10 @@
   hiwin train demo --output OUT                                the embedded demo model's recipe (docs/demo.md)
   hiwin bench-vision [--width 1008 --height 672]               vision path at real dims: time, peak RSS
 
-Without ``--model``, ``generate`` uses the embedded tiny model (random weights: the answer is
-noise, but every stage of the real path runs); without ``--image``, a generated 1024x768 page.
+Without ``--model``, ``generate`` uses the embedded demo model (trained by ``hiwin train demo`` on
+the generated task of :mod:`hiwin_model.demo_task`, docs/demo.md); with neither ``--image`` nor
+``--prompt`` it answers a held-out demo question and prints the question, the answer and the
+expected answer.
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
 from pathlib import Path
 
 log = logging.getLogger("hiwin")
@@ -39,18 +40,22 @@ def _load(args):
               max_slices=args.max_slices, pre_resize=args.pre_resize)
     if args.model is not None:
         return HiwinForCausalLM.from_pretrained(args.model, **kw)
-    from .tiny import write_tiny_checkpoint
+    from .demo_task import demo_model_dir
 
-    log.info("no --model: using the embedded tiny model (random weights; the answer is noise)")
-    with tempfile.TemporaryDirectory(prefix="hiwin-tiny-") as tmp:  # loaded into memory, then removed
-        return HiwinForCausalLM.from_pretrained(write_tiny_checkpoint(Path(tmp) / "tiny"), **kw)
+    log.info("no --model: using the embedded demo model (trained on the generated task, docs/demo.md)")
+    return HiwinForCausalLM.from_pretrained(demo_model_dir(), **kw)
 
 
 def cmd_generate(args) -> int:
-    from .synthetic import demo_image
+    from .demo_task import demo_question
 
     model = _load(args)
-    image = args.image if args.image else demo_image()
+    image, prompt, expected = args.image, args.prompt, None
+    if image is None and prompt is None:  # the main job: a held-out demo question, answer checked
+        image, prompt, expected = demo_question()
+    elif image is None:
+        image = demo_question()[0]
+    prompt = prompt or "What is in the image?"
     prepared_plan = model.processor.prepare_image(image, max_slices=args.max_slices).plan
     log.info("image %sx%s -> grid %s, %d crops", *prepared_plan.image_size, prepared_plan.grid,
              len(prepared_plan.crop_sizes))
@@ -60,10 +65,13 @@ def cmd_generate(args) -> int:
         out.write(t)
         out.flush()
 
-    model.generate(image, args.prompt, template=args.template, max_new_tokens=args.max_new_tokens,
-                   do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                   max_slices=args.max_slices, on_text=on_text)
+    out.write(f"question: {prompt}\nanswer: ")
+    answer = model.generate(image, prompt, template=args.template, max_new_tokens=args.max_new_tokens,
+                            do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                            max_slices=args.max_slices, on_text=on_text)
     out.write("\n")
+    if expected is not None:
+        out.write(f"expected: {expected} ({'correct' if answer == expected else 'WRONG'})\n")
     return 0
 
 
@@ -144,8 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="answer a question about an image (streams the answer)")
     _add_model_args(g)
-    g.add_argument("--image", help="image file (default: a generated 1024x768 page)")
-    g.add_argument("--prompt", default="What is in the image?")
+    g.add_argument("--image", help="image file (default: a generated held-out demo image)")
+    g.add_argument("--prompt", default=None,
+                   help="question (default: the demo question when --image is not given, else 'What is in the image?')")
     g.add_argument("--template", default="vicuna_v1", choices=["vicuna_v1", "plain"])
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")

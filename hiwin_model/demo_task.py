@@ -34,11 +34,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
+
+log = logging.getLogger("hiwin.demo")
 
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (225, 190, 20)}
 SHAPES = ("square", "circle", "triangle")
@@ -61,6 +65,7 @@ SCENE_SIZES = ((336, 336), (504, 252), (252, 504), (448, 336), (336, 448))
 DOC_SIZES = ((336, 336), (476, 280), (280, 476))
 DOC_FRACTION = 0.4
 TRAIN_SEED, HELDOUT_SEED = 0, 1
+HELDOUT_SIZE = 400  # questions in the held-out set (hiwin-export eval)
 
 
 @dataclass(frozen=True)
@@ -100,7 +105,7 @@ def draw_scene(size: tuple[int, int], objects, seed: int) -> Image.Image:
     _clutter(d, w, h, rng)
     slot = w / len(objects)
     for i, (shape, colour) in enumerate(objects):
-        s = int(min(slot, h) * rng.uniform(0.45, 0.7))
+        s = int(min(slot, h) * rng.uniform(0.7, 0.92))
         cx = int(slot * (i + 0.5) + rng.uniform(-0.15, 0.15) * (slot - s))
         cy = int(h / 2 + rng.uniform(-0.5, 0.5) * (h - s) * 0.8)
         box = [cx - s // 2, cy - s // 2, cx + s // 2, cy + s // 2]
@@ -124,11 +129,16 @@ def draw_document(size: tuple[int, int], word: str, colour: str, seed: int) -> I
         d.line([(0, y), (w, y)], fill=(205, 215, 230), width=1)
     mx = rng.randrange(20, 40)
     d.line([(mx, 0), (mx, h)], fill=(230, 170, 170), width=1)
-    font = _font(rng.randrange(min(w, h) // 6, min(w, h) // 4))
-    x0, y0, x1, y1 = d.textbbox((0, 0), word, font=font)
-    tw, th = x1 - x0, y1 - y0
-    x = rng.randrange(mx + 4, max(mx + 5, w - tw - 8)) - x0
-    y = rng.randrange(8, max(9, h - th - 8)) - y0
+    size = rng.randrange(min(w, h) // 3, min(w, h) // 2)
+    while True:  # as large as fits: the word spans 60-90 % of the page width
+        font = _font(size)
+        x0, y0, x1, y1 = d.textbbox((0, 0), word, font=font)
+        tw, th = x1 - x0, y1 - y0
+        if tw <= 0.9 * (w - mx) or size <= 12:
+            break
+        size -= 4
+    x = rng.randrange(mx + 2, max(mx + 3, w - tw - 4)) - x0
+    y = rng.randrange(4, max(5, h - th - 4)) - y0
     d.text((x, y), word, fill=COLOURS[colour], font=font)
     return img
 
@@ -173,11 +183,65 @@ def heldout(n: int = 400, seed: int = HELDOUT_SEED) -> list[tuple[Item, str, str
     return out
 
 
+def demo_model_dir() -> Path:
+    """The embedded trained demo model (package data, official layout; card in ``CARD.md``)."""
+    d = Path(__file__).parent / "demo"
+    if not (d / "config.json").is_file():
+        raise FileNotFoundError(f"{d}: the embedded demo model is missing (train it: hiwin train demo)")
+    return d
+
+
+def load_demo_model(**kw):
+    from .model import HiwinForCausalLM
+
+    return HiwinForCausalLM.from_pretrained(demo_model_dir(), **kw)
+
+
 def demo_question(index: int = 0) -> tuple[Image.Image, str, str]:
     """The main job's default input: held-out image ``index`` (never trained on), a question about
     it and the expected answer."""
     it, _, q, a = heldout(index + 1)[index]
     return it.image(), q, a
+
+
+# ------------------------------------------------------------------------------ scoring
+def heldout_questions(limit: int | None = None):
+    n = HELDOUT_SIZE if limit is None else limit
+    if n < 1:
+        raise ValueError(f"limit must be >= 1, got {n}")
+    return heldout(n)
+
+
+def questions_sha256(questions) -> str:
+    h = hashlib.sha256()
+    for it, kind, q, a in questions:
+        h.update(json.dumps([it.index, it.seed, list(it.size), kind, q, a]).encode())
+    return h.hexdigest()
+
+
+def score(pipe, questions, *, max_new_tokens: int = 8, label: str = "") -> dict:
+    """Greedy answers to every question; exact-match accuracy overall and per question kind."""
+    by_kind: dict[str, list[int]] = {}
+    wrong = []
+    correct = 0
+    t0 = time.perf_counter()
+    for i, (it, kind, q, expected) in enumerate(questions):
+        ans = pipe.generate(it.image(), q, max_new_tokens=max_new_tokens).text.strip()
+        ok = ans == expected
+        correct += ok
+        k = by_kind.setdefault(kind, [0, 0])
+        k[0] += ok
+        k[1] += 1
+        if not ok and len(wrong) < 20:
+            wrong.append({"index": it.index, "size": list(it.size), "question": q, "expected": expected,
+                          "answer": ans})
+        if (i + 1) % 50 == 0 or i + 1 == len(questions):
+            log.info("%s: %d/%d, accuracy so far %.1f%%", label, i + 1, len(questions), 100 * correct / (i + 1))
+    n = len(questions)
+    return {"n": n, "correct": correct, "accuracy": correct / n,
+            "by_kind": {k: {"correct": c, "n": m, "accuracy": c / m} for k, (c, m) in sorted(by_kind.items())},
+            "wrong": wrong, "seconds": round(time.perf_counter() - t0, 1)}
+
 
 
 def split_hash(n: int, split_seed: int) -> str:

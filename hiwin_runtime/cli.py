@@ -4,7 +4,7 @@
             [--engines ENGINE_DIR]      (vision on TensorRT engines, the LLM on ONNX Runtime)
 
 The answer streams to stdout, the timings go to stderr. ``hiwin-export run`` is the same command
-with defaults that need the exporter (the embedded tiny model, a generated page).
+with defaults that need the exporter (the embedded demo model, a held-out demo question).
 """
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ def add_run_args(r: argparse.ArgumentParser, *, model_required: bool = True) -> 
     r.add_argument("--model", required=model_required,
                    help="export directory (ONNX Runtime) or HF model directory (PyTorch, needs hiwin[model])")
     r.add_argument("--image", required=model_required, help="image file")
-    r.add_argument("--prompt", default="What is in the image?")
+    r.add_argument("--prompt", default=None, help="question (default: 'What is in the image?')")
     r.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch"])
-    r.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="which exported graphs (ORT)")
+    r.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
+                   help="which exported graphs (ORT); int8: the quantized vision graphs, fp32 LLM")
     r.add_argument("--max-new-tokens", type=int, default=64)
     r.add_argument("--temperature", type=float, default=0.0, help="0: greedy (default); > 0: sampling")
     r.add_argument("--top-p", type=float, default=1.0)
@@ -33,8 +34,9 @@ def add_run_args(r: argparse.ArgumentParser, *, model_required: bool = True) -> 
                    help="TensorRT engine set of the export (hiwin-export engines): the vision path runs on it")
 
 
-def run(a, path: str, image) -> int:
-    """Load ``path``, answer about ``image`` streaming to stdout, timings to stderr."""
+def run(a, path: str, image, on_answer=None) -> int:
+    """Load ``path``, answer about ``image`` streaming to stdout, timings to stderr; ``on_answer``
+    receives the whole answer text."""
     from .pipeline import Pipeline
 
     settings = dict(max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0,
@@ -50,8 +52,10 @@ def run(a, path: str, image) -> int:
         sys.stdout.write(t)
         sys.stdout.flush()
 
-    ans = pipe.generate(image, a.prompt, on_text=on_text, **settings)
+    ans = pipe.generate(image, a.prompt or "What is in the image?", on_text=on_text, **settings)
     sys.stdout.write("\n")
+    if on_answer is not None:
+        on_answer(ans.text.strip())
     t = ans.timings
     print(f"[{pipe.backend.name}] {ans.visual_tokens} visual + {ans.prompt_tokens - ans.visual_tokens} text "
           f"prompt tokens; {len(ans.token_ids)} new tokens ({ans.finish_reason}); vision {t['vision_s']:.2f} s, "

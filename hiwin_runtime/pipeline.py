@@ -125,7 +125,8 @@ def prompt_table_ids(pre: list[int], num_visual: int, post: list[int], vocab_siz
 
 
 class OrtBackend(Backend):
-    """The exported graphs on ONNX Runtime; ``precision="fp16"`` uses the ``*.fp16`` graphs."""
+    """The exported graphs on ONNX Runtime; ``precision="fp16"`` uses the ``*.fp16`` graphs,
+    ``"int8"`` the ``*.int8`` vision graphs of ``hiwin-export quantize`` with the fp32 LLM graphs."""
 
     name = "onnxruntime"
 
@@ -135,15 +136,16 @@ class OrtBackend(Backend):
         from .graph_id import GraphId
         from .ort import OnnxRunner, default_providers
 
-        if precision not in ("fp32", "fp16"):
-            raise ValueError(f"precision must be fp32 or fp16, got {precision!r}")
+        if precision not in ("fp32", "fp16", "int8"):
+            raise ValueError(f"precision must be fp32, fp16 or int8, got {precision!r}")
         lang = export.manifest.get("language")
         if lang is None:
             raise ExportError(f"{export.path}: no language model in this export (a vision-only export; "
                               "re-export with the full model)")
         self.export, self.lang = export, lang
-        self.embed_graph = GraphId(lang["embed_graph"], None, precision)
-        self.decoder_graph = GraphId(lang["decoder_graph"], None, precision)
+        llm_precision = "fp32" if precision == "int8" else precision  # int8: vision graphs only (quantize)
+        self.embed_graph = GraphId(lang["embed_graph"], None, llm_precision)
+        self.decoder_graph = GraphId(lang["decoder_graph"], None, llm_precision)
         for g in (GraphId("vit", None, precision), GraphId("jbu", None, precision), self.embed_graph,
                   self.decoder_graph):
             export.graph_path(g)  # a clear error for a missing graph, before any request
