@@ -15,8 +15,9 @@
 
 Without ``--model`` the embedded demo model is used (trained on a generated task, docs/demo.md; no
 network; ``run`` exports it to a temporary directory first and, without ``--image`` and ``--prompt``,
-answers a held-out demo question, printing the question, the answer and the expected answer). ``parity`` exits 1 when a bound is exceeded and writes ``parity.json`` +
-``parity.md`` (default: into the export directory's ``reports/``).
+answers a held-out demo question, printing the question, the answer and the expected answer).
+``parity`` exits 1 when a bound is exceeded and writes ``parity.json`` + ``parity.md`` (default: into
+the export directory's ``reports/``).
 """
 
 from __future__ import annotations
