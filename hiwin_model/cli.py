@@ -61,7 +61,14 @@ def cmd_generate(args) -> int:
              len(prepared_plan.crop_sizes))
     out = sys.stdout
 
+    started = []
+
     def on_text(t: str) -> None:
+        if not started:  # the answer's leading space (a word-initial token) is not printed
+            t = t.lstrip()
+            if not t:
+                return
+            started.append(True)
         out.write(t)
         out.flush()
 

@@ -48,7 +48,14 @@ def run(a, path: str, image, on_answer=None) -> int:
     pipe = Pipeline.load(path, backend=a.backend, **kw)
     log.info("backend: %s", pipe.backend.name)
 
+    started = []
+
     def on_text(t: str) -> None:
+        if not started:  # the answer's leading space (a word-initial token) is not printed
+            t = t.lstrip()
+            if not t:
+                return
+            started.append(True)
         sys.stdout.write(t)
         sys.stdout.flush()
 
