@@ -71,6 +71,7 @@ def test_embedded_demo_model_is_small_official_and_carded():
     assert mm and mm <= set(official_keys())
 
 
+@pytest.mark.slow
 def test_demo_recipe_runs_resumes_and_refuses_another_recipe(tmp_path, monkeypatch):
     """The orchestration of `hiwin train demo` on a toy budget (the stages themselves are tested in
     test_training.py): every stage writes its output, a second run skips them, a changed recipe is
