@@ -125,13 +125,17 @@ def evaluate(model: str | None = None, *, reference: str | None = None, genai: s
 
 def table(report: dict) -> str:
     rows = report["rows"]
-    base = next((r["accuracy"] for r in rows if r["backend"] == "torch"), None)
+    ref = next((r for r in rows if r["backend"] == "torch"), None)
+    base = ref["accuracy"] if ref else None
     kinds = sorted({k for r in rows for k in r["by_kind"]})
-    head = ["backend", "precision", "accuracy", "correct / n", "vs torch"] + kinds
+    head = ["backend", "precision", "accuracy", "correct / n", "vs torch", "same answer as torch"] + kinds
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         delta = "" if base is None or r["backend"] == "torch" else f"{100 * (r['accuracy'] - base):+.1f} pt"
-        cells = [r["backend"], r["precision"], f"{100 * r['accuracy']:.1f}%", f"{r['correct']} / {r['n']}", delta]
+        same = ""
+        if ref is not None and r is not ref and "answers" in r and "answers" in ref:
+            same = f"{sum(a == b for a, b in zip(r['answers'], ref['answers']))} / {r['n']}"
+        cells = [r["backend"], r["precision"], f"{100 * r['accuracy']:.1f}%", f"{r['correct']} / {r['n']}", delta, same]
         cells += [f"{100 * r['by_kind'][k]['accuracy']:.0f}%" if k in r["by_kind"] else "" for k in kinds]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -222,11 +222,12 @@ def questions_sha256(questions) -> str:
 def score(pipe, questions, *, max_new_tokens: int = 8, label: str = "") -> dict:
     """Greedy answers to every question; exact-match accuracy overall and per question kind."""
     by_kind: dict[str, list[int]] = {}
-    wrong = []
+    wrong, answers = [], []
     correct = 0
     t0 = time.perf_counter()
     for i, (it, kind, q, expected) in enumerate(questions):
         ans = pipe.generate(it.image(), q, max_new_tokens=max_new_tokens).text.strip()
+        answers.append(ans)
         ok = ans == expected
         correct += ok
         k = by_kind.setdefault(kind, [0, 0])
@@ -238,7 +239,7 @@ def score(pipe, questions, *, max_new_tokens: int = 8, label: str = "") -> dict:
         if (i + 1) % 50 == 0 or i + 1 == len(questions):
             log.info("%s: %d/%d, accuracy so far %.1f%%", label, i + 1, len(questions), 100 * correct / (i + 1))
     n = len(questions)
-    return {"n": n, "correct": correct, "accuracy": correct / n,
+    return {"n": n, "correct": correct, "accuracy": correct / n, "answers": answers,
             "by_kind": {k: {"correct": c, "n": m, "accuracy": c / m} for k, (c, m) in sorted(by_kind.items())},
             "wrong": wrong, "seconds": round(time.perf_counter() - t0, 1)}
 

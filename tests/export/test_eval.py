@@ -24,7 +24,7 @@ def test_eval_of_the_embedded_demo_model_on_pytorch(tmp_path, capsys):
     assert (row["backend"], row["precision"], row["n"]) == ("torch", "fp32", 12)
     assert row["correct"] == 12 - len(row["wrong"]) and row["accuracy"] == row["correct"] / 12
     assert sum(k["n"] for k in row["by_kind"].values()) == 12
-    assert all(w["answer"] in ANSWERS for w in row["wrong"]), row["wrong"]
+    assert len(row["answers"]) == 12 and all(a in ANSWERS for a in row["answers"]), row["answers"]
     assert "| torch | fp32 |" in text and rep["questions_sha256"][:12] in text
 
 
@@ -35,11 +35,11 @@ def test_eval_of_an_export_scores_every_precision_it_holds(exported, tiny_dir, t
     assert [(r["backend"], r["precision"]) for r in rep["rows"]] == [("torch", "fp32"), ("onnx", "fp32"),
                                                                       ("onnx", "fp16")]
     by = {(r["backend"], r["precision"]): r for r in rep["rows"]}
-    answers = lambda r: [(w["index"], w["answer"]) for w in r["wrong"]]  # noqa: E731
-    assert answers(by["torch", "fp32"]) == answers(by["onnx", "fp32"])
+    assert by["torch", "fp32"]["answers"] == by["onnx", "fp32"]["answers"]
     assert json.loads((tmp_path / "e.json").read_text())["rows"][1]["n"] == 3
     md = table(rep).splitlines()
     assert len(md) == 5 and "vs torch" in md[0] and md[3].startswith("| onnx | fp32 |")
+    assert "| 3 / 3 |" in md[3]  # same answers as PyTorch on all three questions
 
 
 def test_eval_refuses_what_it_cannot_score(exported, tmp_path):
