@@ -3,6 +3,8 @@
   hiwin-export export --model DIR --out EXPORT_DIR [--graphs vit,jbu,llm,...] [--overwrite]
   hiwin-export parity --model DIR --export EXPORT_DIR [--report-dir DIR] [--quick] [--precision fp16]
   hiwin-export run --model EXPORT_DIR --image FILE --prompt TEXT     answer (streamed), ONNX Runtime
+  hiwin-export eval [--model DIR|EXPORT_DIR] [--reference DIR] [--backend torch,onnx,genai]
+               [--precision fp32,fp16,int8] [--limit N] [--out eval.json]   demo-task accuracy (docs/demo.md)
   hiwin-export bench [--sizes 1008x672 336x336] [--repeats 3] [--e2e tiny real-width]
   hiwin-export engines --export EXPORT_DIR --out ENGINE_DIR --target a100|h100|orin [--precision fp16]
                [--plugin-lib libhiwin_plugins.so] [--emit-trtexec [SCRIPT]]     TensorRT engine set (docs/tensorrt.md)
@@ -13,9 +15,11 @@
   hiwin-export trtllm --model DIR|--llama LLAMA_DIR --out DIR [--precision fp16|fp8|int4_awq]
                [--export EXPORT_DIR]      TensorRT-LLM checkpoint of the LLM (docs/trtllm.md)
 
-Without ``--model`` the embedded tiny model is used (no network; ``run`` exports it to a temporary
-directory first). ``parity`` exits 1 when a bound is exceeded and writes ``parity.json`` +
-``parity.md`` (default: into the export directory's ``reports/``).
+Without ``--model`` the embedded demo model is used (trained on a generated task, docs/demo.md; no
+network; ``run`` exports it to a temporary directory first and, without ``--image`` and ``--prompt``,
+answers a held-out demo question, printing the question, the answer and the expected answer).
+``parity`` exits 1 when a bound is exceeded and writes ``parity.json`` + ``parity.md`` (default: into
+the export directory's ``reports/``).
 """
 
 from __future__ import annotations
@@ -34,11 +38,10 @@ def _model(path: str | None):
 
     if path:
         return HiwinForCausalLM.from_pretrained(path)
-    from hiwin_model.tiny import write_tiny_checkpoint
+    from hiwin_model.demo_task import demo_model_dir
 
-    log.info("no --model: using the embedded tiny model (random weights)")
-    with tempfile.TemporaryDirectory(prefix="hiwin-tiny-") as tmp:
-        return HiwinForCausalLM.from_pretrained(write_tiny_checkpoint(Path(tmp) / "tiny"))
+    log.info("no --model: using the embedded demo model (docs/demo.md)")
+    return HiwinForCausalLM.from_pretrained(demo_model_dir())
 
 
 def cmd_export(a) -> int:
@@ -55,23 +58,54 @@ def cmd_export(a) -> int:
 
 
 def cmd_run(a) -> int:
-    from hiwin_runtime.cli import run
-
+    image, expected = a.image, None
+    if image is None and a.prompt is None:  # the main job: a held-out demo question, answer checked
+        image, a.prompt, expected = _demo_question()
+    elif image is None:
+        image = _demo_question()[0]
     if a.model is not None:
-        return run(a, a.model, a.image or _demo_image())
+        return _run_checked(a, a.model, image, expected)
     from .export import export_model
 
     with tempfile.TemporaryDirectory(prefix="hiwin-run-") as tmp:
-        log.info("no --model: exporting the embedded tiny model (random weights; the answer is noise) ...")
+        log.info("no --model: exporting the embedded demo model (docs/demo.md) ...")
         path = str(Path(tmp) / "export")
         export_model(_model(None), path, bundles=False, parity="quick", precisions=("fp32",))
-        return run(a, path, a.image or _demo_image())
+        return _run_checked(a, path, image, expected)
 
 
-def _demo_image():
-    from hiwin_model.synthetic import demo_image
+def _run_checked(a, path: str, image, expected: str | None) -> int:
+    """``run``, with the question before the answer and, for the demo question, the expected answer."""
+    from hiwin_runtime.cli import run
 
-    return demo_image()
+    prompt = a.prompt or "What is in the image?"
+    sys.stdout.write(f"question: {prompt}\nanswer: ")
+    answer: list[str] = []
+    rc = run(a, path, image, on_answer=answer.append)
+    if expected is not None:
+        got = answer[0] if answer else ""
+        sys.stdout.write(f"expected: {expected} ({'correct' if got == expected else 'WRONG'})\n")
+    return rc
+
+
+def _demo_question():
+    from hiwin_model.demo_task import demo_question
+
+    return demo_question()
+
+
+def cmd_eval(a) -> int:
+    from .evaluate import evaluate, table
+
+    report = evaluate(a.model, reference=a.reference, genai=a.genai,
+                      backends=a.backend.split(",") if a.backend else None,
+                      precisions=a.precision.split(",") if a.precision else None, limit=a.limit, out=a.out)
+    print(f"held-out demo questions: {report['questions']} (seed {report['heldout_seed']}, "
+          f"sha256 {report['questions_sha256'][:12]})")
+    print(table(report))
+    if a.out:
+        print(f"wrote {a.out}")
+    return 0
 
 
 def cmd_parity(a) -> int:
@@ -357,7 +391,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="hiwin-export", description="LLaVA-UHD v2 ONNX export and parity")
     sub = ap.add_subparsers(dest="cmd", required=True)
     e = sub.add_parser("export", help="export vit / jbu / hiwin_* graphs (fp32) with a manifest")
-    e.add_argument("--model", help="HF model directory (default: embedded tiny model)")
+    e.add_argument("--model", help="HF model directory (default: embedded demo model)")
     e.add_argument("--out", required=True)
     e.add_argument("--graphs", help="comma-separated subset, e.g. vit,jbu,hiwin_3x3")
     e.add_argument("--overwrite", action="store_true", help="replace an existing export directory")
@@ -424,9 +458,20 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="answer a question about an image from an export directory (streamed)")
     from hiwin_runtime.cli import add_run_args
 
-    add_run_args(r, model_required=False)  # default: the embedded tiny model, exported on the fly
+    add_run_args(r, model_required=False)  # default: the embedded demo model, exported on the fly
     r.set_defaults(func=cmd_run)
     from .bench import add_args
+
+    ev = sub.add_parser("eval", help="exact-answer accuracy on the demo task's held-out set, per backend and precision")
+    ev.add_argument("--model", help="HF model directory (PyTorch) or export directory (ONNX Runtime, every "
+                    "precision it holds); default: the embedded demo model on PyTorch")
+    ev.add_argument("--reference", help="also score this HF model directory on PyTorch (the export's source)")
+    ev.add_argument("--genai", help="with an export: also score the LLM on this ONNX Runtime GenAI directory")
+    ev.add_argument("--backend", help="comma-separated subset of torch,onnx,genai")
+    ev.add_argument("--precision", help="comma-separated subset of fp32,fp16,int8")
+    ev.add_argument("--limit", type=int, default=None, help="first N held-out questions (default: all 400)")
+    ev.add_argument("--out", default="eval.json", help="JSON report (default: eval.json)")
+    ev.set_defaults(func=cmd_eval)
 
     b = sub.add_parser("bench", help="vision path at real dims: PyTorch eager vs ONNX Runtime, FLOP floor, peak RSS")
     add_args(b)
@@ -448,12 +493,12 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--json", help="write the results as JSON")
     v.set_defaults(func=cmd_verify_engines)
     ld = sub.add_parser("llama-dir", help="the LLM as a plain Hugging Face Llama directory")
-    ld.add_argument("--model", help="HF model directory (default: embedded tiny model)")
+    ld.add_argument("--model", help="HF model directory (default: embedded demo model)")
     ld.add_argument("--out", required=True)
     ld.add_argument("--overwrite", action="store_true")
     ld.set_defaults(func=cmd_llama_dir)
     ga = sub.add_parser("genai", help="the LLM as an ONNX Runtime GenAI model directory (docs/genai.md)")
-    ga.add_argument("--model", help="HF model directory (default: embedded tiny model)")
+    ga.add_argument("--model", help="HF model directory (default: embedded demo model)")
     ga.add_argument("--llama", help="a Llama directory from `hiwin-export llama-dir` instead of --model")
     ga.add_argument("--export", help="export directory the GenAI model will serve with (checked to match)")
     ga.add_argument("--out", required=True)

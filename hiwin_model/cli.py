@@ -5,10 +5,13 @@
   hiwin make-tiny OUT                                          tiny random checkpoint (official layout)
   hiwin make-data OUT                                          generated images + LLaVA JSON
   hiwin train stage0|stage1|stage2 ...                         the three training stages (torchrun: ddp/fsdp)
+  hiwin train demo --output OUT                                the embedded demo model's recipe (docs/demo.md)
   hiwin bench-vision [--width 1008 --height 672]               vision path at real dims: time, peak RSS
 
-Without ``--model``, ``generate`` uses the embedded tiny model (random weights: the answer is
-noise, but every stage of the real path runs); without ``--image``, a generated 1024x768 page.
+Without ``--model``, ``generate`` uses the embedded demo model (trained by ``hiwin train demo`` on
+the generated task of :mod:`hiwin_model.demo_task`, docs/demo.md); with neither ``--image`` nor
+``--prompt`` it answers a held-out demo question and prints the question, the answer and the
+expected answer.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import tempfile
 from pathlib import Path
 
 log = logging.getLogger("hiwin")
@@ -38,31 +40,45 @@ def _load(args):
               max_slices=args.max_slices, pre_resize=args.pre_resize)
     if args.model is not None:
         return HiwinForCausalLM.from_pretrained(args.model, **kw)
-    from .tiny import write_tiny_checkpoint
+    from .demo_task import demo_model_dir
 
-    log.info("no --model: using the embedded tiny model (random weights; the answer is noise)")
-    with tempfile.TemporaryDirectory(prefix="hiwin-tiny-") as tmp:  # loaded into memory, then removed
-        return HiwinForCausalLM.from_pretrained(write_tiny_checkpoint(Path(tmp) / "tiny"), **kw)
+    log.info("no --model: using the embedded demo model (trained on the generated task, docs/demo.md)")
+    return HiwinForCausalLM.from_pretrained(demo_model_dir(), **kw)
 
 
 def cmd_generate(args) -> int:
-    from .synthetic import demo_image
+    from .demo_task import demo_question
 
     model = _load(args)
-    image = args.image if args.image else demo_image()
+    image, prompt, expected = args.image, args.prompt, None
+    if image is None and prompt is None:  # the main job: a held-out demo question, answer checked
+        image, prompt, expected = demo_question()
+    elif image is None:
+        image = demo_question()[0]
+    prompt = prompt or "What is in the image?"
     prepared_plan = model.processor.prepare_image(image, max_slices=args.max_slices).plan
     log.info("image %sx%s -> grid %s, %d crops", *prepared_plan.image_size, prepared_plan.grid,
              len(prepared_plan.crop_sizes))
     out = sys.stdout
 
+    started = []
+
     def on_text(t: str) -> None:
+        if not started:  # the answer's leading space (a word-initial token) is not printed
+            t = t.lstrip()
+            if not t:
+                return
+            started.append(True)
         out.write(t)
         out.flush()
 
-    model.generate(image, args.prompt, template=args.template, max_new_tokens=args.max_new_tokens,
-                   do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                   max_slices=args.max_slices, on_text=on_text)
+    out.write(f"question: {prompt}\nanswer: ")
+    answer = model.generate(image, prompt, template=args.template, max_new_tokens=args.max_new_tokens,
+                            do_sample=args.sample, temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                            max_slices=args.max_slices, on_text=on_text)
     out.write("\n")
+    if expected is not None:
+        out.write(f"expected: {expected} ({'correct' if answer == expected else 'WRONG'})\n")
     return 0
 
 
@@ -99,6 +115,20 @@ def cmd_bench_vision(args) -> int:
 
 
 def cmd_train(args) -> int:
+    if args.stage == "demo":
+        from dataclasses import replace
+
+        from .train.demo import DemoRecipe, train_demo
+
+        recipe = DemoRecipe(seed=args.seed, log_every=args.log_every)
+        if args.steps:
+            recipe = replace(recipe, stage2_steps=args.steps)
+        if args.n_train:
+            recipe = replace(recipe, n_train=args.n_train)
+        print(train_demo(args.output, recipe, device=args.device))
+        return 0
+    if not args.model:
+        raise SystemExit(f"hiwin train {args.stage}: --model is required")
     if args.stage == "stage0":
         from .train.stage0 import Stage0Args, train_stage0
 
@@ -140,8 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = sub.add_parser("generate", help="answer a question about an image (streams the answer)")
     _add_model_args(g)
-    g.add_argument("--image", help="image file (default: a generated 1024x768 page)")
-    g.add_argument("--prompt", default="What is in the image?")
+    g.add_argument("--image", help="image file (default: a generated held-out demo image)")
+    g.add_argument("--prompt", default=None,
+                   help="question (default: the demo question when --image is not given, else 'What is in the image?')")
     g.add_argument("--template", default="vicuna_v1", choices=["vicuna_v1", "plain"])
     g.add_argument("--max-new-tokens", type=int, default=64)
     g.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
@@ -175,8 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     b.set_defaults(func=cmd_bench_vision)
 
     tr = sub.add_parser("train", help="training stages (multi-GPU: launch with torchrun)")
-    tr.add_argument("stage", choices=["stage0", "stage1", "stage2"])
-    tr.add_argument("--model", required=True, help="HF model directory to start from")
+    tr.add_argument("stage", choices=["stage0", "stage1", "stage2", "demo"],
+                    help="demo: the whole recipe of the embedded demo model, stages 0 -> 1 -> 2 (docs/demo.md)")
+    tr.add_argument("--model", help="HF model directory to start from (not for demo)")
+    tr.add_argument("--n-train", type=int, default=None, help="demo: training images (default 4000)")
     tr.add_argument("--output", required=True)
     tr.add_argument("--images", help="stage0: folder of images")
     tr.add_argument("--data", help="stage1/2: LLaVA-style JSON")

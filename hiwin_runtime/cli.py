@@ -6,7 +6,7 @@
                                         (the LLM on ONNX Runtime GenAI / TensorRT-LLM)
 
 The answer streams to stdout, the timings go to stderr. ``hiwin-export run`` is the same command
-with defaults that need the exporter (the embedded tiny model, a generated page).
+with defaults that need the exporter (the embedded demo model, a held-out demo question).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ def add_run_args(r: argparse.ArgumentParser, *, model_required: bool = True) -> 
     r.add_argument("--model", required=model_required,
                    help="export directory (ONNX Runtime) or HF model directory (PyTorch, needs hiwin[model])")
     r.add_argument("--image", required=model_required, help="image file")
-    r.add_argument("--prompt", default="What is in the image?")
+    r.add_argument("--prompt", default=None, help="question (default: 'What is in the image?')")
     r.add_argument("--backend", default="auto", choices=["auto", "onnxruntime", "torch"])
     r.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8"],
                    help="which exported graphs (ORT); int8: the int8 vision graphs (hiwin-export quantize) "
@@ -42,8 +42,9 @@ def add_run_args(r: argparse.ArgumentParser, *, model_required: bool = True) -> 
     r.add_argument("--trtllm", default=None, help="TensorRT-LLM checkpoint directory (hiwin-export trtllm)")
 
 
-def run(a, path: str, image) -> int:
-    """Load ``path``, answer about ``image`` streaming to stdout, timings to stderr."""
+def run(a, path: str, image, on_answer=None) -> int:
+    """Load ``path``, answer about ``image`` streaming to stdout, timings to stderr; ``on_answer``
+    receives the whole answer text."""
     from .pipeline import Pipeline
 
     settings = dict(max_new_tokens=a.max_new_tokens, do_sample=a.temperature > 0,
@@ -65,12 +66,21 @@ def run(a, path: str, image) -> int:
     pipe = Pipeline.load(path, backend=a.backend, **kw)
     log.info("backend: %s", pipe.backend.name)
 
+    started = []
+
     def on_text(t: str) -> None:
+        if not started:  # the answer's leading space (a word-initial token) is not printed
+            t = t.lstrip()
+            if not t:
+                return
+            started.append(True)
         sys.stdout.write(t)
         sys.stdout.flush()
 
-    ans = pipe.generate(image, a.prompt, on_text=on_text, **settings)
+    ans = pipe.generate(image, a.prompt or "What is in the image?", on_text=on_text, **settings)
     sys.stdout.write("\n")
+    if on_answer is not None:
+        on_answer(ans.text.strip())
     t = ans.timings
     print(f"[{pipe.backend.name}] {ans.visual_tokens} visual + {ans.prompt_tokens - ans.visual_tokens} text "
           f"prompt tokens; {len(ans.token_ids)} new tokens ({ans.finish_reason}); vision {t['vision_s']:.2f} s, "

@@ -69,6 +69,7 @@ class StageArgs:
     lora: LoraSpec | None = None  # stage 2 only: adapters instead of a full fine-tune
     loss_log: str | None = None  # JSON lines {step, loss, lr} written by rank 0
     tf32: bool = True  # on CUDA, as the released recipe
+    projector_impl: str = "faithful"  # "fast": same maths, fewer FLOPs (docs/model.md §4.9); same weights
 
 
 def trainable_parameters(model: HiwinForCausalLM, stage: int) -> list[nn.Parameter]:
@@ -140,7 +141,7 @@ def _load_fsdp(args: StageArgs, d: Dist, compute_dtype: torch.dtype):
         del base
     config = HiwinConfig.from_pretrained(src)
     with torch.device("meta"):
-        model = HiwinForCausalLM(config, dtype=torch.float32)
+        model = HiwinForCausalLM(config, dtype=torch.float32, projector_impl=args.projector_impl)
     model.processor = HiwinProcessor(_load_tokenizer(src), config.slicing)
     trainable_parameters(model, args.stage)  # requires_grad set before sharding: FSDP keeps it
     root = _LossModule(model, args.stage, Path(args.image_folder), args.max_slices, args.max_length)
@@ -158,7 +159,8 @@ def _load_fsdp(args: StageArgs, d: Dist, compute_dtype: torch.dtype):
 
 
 def _load_replicated(args: StageArgs, d: Dist, dtype: torch.dtype):
-    model = HiwinForCausalLM.from_pretrained(args.model, dtype=dtype, device=d.device)
+    model = HiwinForCausalLM.from_pretrained(args.model, dtype=dtype, device=d.device,
+                                             projector_impl=args.projector_impl)
     if args.projector_weights:
         model.load_projector_weights(args.projector_weights)
     if args.lora is not None:

@@ -352,7 +352,7 @@ def test_cli_run_streams_the_answer(exported, ort_pipe, tmp_path, capsys):
     assert main(["run", "--model", str(exported), "--image", str(path), "--prompt", "Read the text.",
                  "--max-new-tokens", "8"]) == 0
     cap = capsys.readouterr()
-    assert cap.out.strip() == want and "time to first token" in cap.err
+    assert cap.out == f"question: Read the text.\nanswer: {want}\n" and "time to first token" in cap.err
     assert main(["run", "--model", str(exported), "--image", str(tmp_path / "none.png")]) == 2
     assert "none.png" in capsys.readouterr().err
     assert main(["run", "--model", str(tmp_path / "nope")]) == 2
@@ -390,24 +390,29 @@ def test_prompt_table_form_equals_the_spliced_embeddings(tiny_model, torch_pipe)
 
 
 def test_cli_run_without_arguments_is_the_main_job(exported, monkeypatch, capsys):
-    """`hiwin-export run` alone: tiny model -> export into a temp dir -> answer about the generated page.
-    (The export itself is replaced by a copy of this session's identical tiny export, which the
-    export tests check; everything after it is the real path.)"""
+    """`hiwin-export run` alone: embedded demo model -> export into a temp dir -> answer a held-out
+    demo question. (The export itself is replaced by a copy of this session's tiny export, same widths,
+    which the export tests check: this checks the wiring and the output, so the answer is the tiny
+    model's noise; tests/export/test_eval.py::test_main_job_answers_correctly runs the real export.)"""
     from hiwin_export import export as export_mod
     from hiwin_export.cli import main
+    from hiwin_model.demo_task import demo_question
 
     calls = []
 
     def fake_export(model, out, **kw):
-        calls.append((model.config.projector.dim, kw))
+        calls.append((model.config.projector.dim, model.config.vision.num_hidden_layers, kw))
         shutil.copytree(exported, out)
 
     monkeypatch.setattr(export_mod, "export_model", fake_export)
     assert main(["run", "--max-new-tokens", "5"]) == 0
     cap = capsys.readouterr()
-    assert calls == [(128, {"bundles": False, "parity": "quick", "precisions": ("fp32",)})]
-    assert "1033 visual + 78 text prompt tokens" in cap.err and "[onnxruntime]" in cap.err
-    assert cap.out.endswith("\n")
+    assert calls == [(128, 4, {"bundles": False, "parity": "quick", "precisions": ("fp32",)})]  # the demo model
+    assert "457 visual + " in cap.err and "[onnxruntime]" in cap.err  # 252x504 page: 1x2 slices + overview
+    _, question, expected = demo_question()
+    lines = cap.out.splitlines()
+    assert lines[0] == f"question: {question}" and lines[1].startswith("answer: ")
+    assert lines[2].startswith(f"expected: {expected} (") and len(lines) == 3
 
 
 def test_fp16_graphs_answer_like_the_reference(tiny_model, exported):

@@ -1,0 +1,93 @@
+"""The demo task, its recipe and the embedded trained demo model (docs/demo.md)."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import pytest
+
+from hiwin_model import demo_task as task
+
+
+def test_task_splits_are_deterministic_disjoint_and_cover_the_pipeline():
+    train, held = task.items(60, task.TRAIN_SEED), task.items(60, task.HELDOUT_SEED)
+    assert task.split_hash(20, task.TRAIN_SEED) == task.split_hash(20, task.TRAIN_SEED)
+    assert task.split_hash(20, task.TRAIN_SEED) != task.split_hash(20, task.HELDOUT_SEED)
+    assert {it.seed for it in train}.isdisjoint({it.seed for it in held})
+    assert {it.kind for it in train} == {"scene", "doc"}
+    assert all(a in task.ANSWERS for it in train for _, _, a in it.qa)
+    assert set(Counter(k for it in train for k, _, _ in it.qa)) == set(task.QUESTIONS)
+    # sliced (2x1 / 1x2) and unsliced images both occur, at max 7 slices as trained
+    from hiwin_runtime.slicing import plan_slices
+
+    grids = {plan_slices(it.size, 7).grid for it in train}
+    assert None in grids and {(2, 1), (1, 2)} <= grids
+    # the questions a scene asks follow from what was drawn
+    for it in train:
+        if it.kind == "scene":
+            shapes = [s for s, _ in it.spec]
+            qa = {k: a for k, _, a in it.qa}
+            assert qa["count"] == task.COUNTS[len(shapes) - 1]
+            if len(shapes) > 1:
+                assert (qa["left"], qa["right"]) == (shapes[0], shapes[-1])
+
+
+def test_every_answer_is_one_token_of_the_demo_tokenizer():
+    tok = task.build_tokenizer()
+    for a in task.ANSWERS:
+        assert len(tok.encode(" " + a, add_special_tokens=False)) == 1, a
+
+
+def test_write_split_is_llava_format(tmp_path):
+    from hiwin_model.train.common import conversation_turns, read_json_list
+
+    out = task.write_split(tmp_path / "d", 6)
+    sft = read_json_list(out / "sft.json")
+    assert len(sft) == 6 and all((out / "images" / s["image"]).is_file() for s in sft)
+    turns = conversation_turns(sft[0])
+    assert turns[0][0].startswith("<image>\n") and all(a in task.ANSWERS for _, a in turns)
+    assert len(read_json_list(out / "pretrain.json")) == 6
+
+
+def test_embedded_demo_model_is_small_official_and_carded():
+    d = task.demo_model_dir()
+    size = sum(p.stat().st_size for p in d.iterdir())
+    assert size < 8 << 20
+    card = json.loads((d / "card.json").read_text())
+    assert card["train_split"]["seed"] == task.TRAIN_SEED and card["heldout"]["seed"] == task.HELDOUT_SEED
+    assert card["heldout"]["questions"] == task.HELDOUT_SIZE
+    import hashlib
+
+    for f, h in card["sha256"].items():
+        assert hashlib.sha256((d / f).read_bytes()).hexdigest() == h, f
+    from conftest import official_keys
+    from safetensors import safe_open
+
+    with safe_open(str(d / "model-00001-of-00001.safetensors"), "np") as f:
+        keys = set(f.keys())
+    # every multimodal key the model has is a released key name (shapes differ: tiny widths)
+    mm = {k for k in keys if k.startswith(("model.mm_projector", "model.vision_tower"))}
+    assert mm and mm <= set(official_keys())
+
+
+@pytest.mark.slow
+def test_demo_recipe_runs_resumes_and_refuses_another_recipe(tmp_path, monkeypatch):
+    """The orchestration of `hiwin train demo` on a toy budget (the stages themselves are tested in
+    test_training.py): every stage writes its output, a second run skips them, a changed recipe is
+    refused."""
+    from hiwin_model.train.demo import DemoRecipe, train_demo
+
+    monkeypatch.setattr(task, "HELDOUT_SIZE", 2)  # the final held-out scoring, on two questions
+    r = DemoRecipe(n_train=4, stage0_steps=1, stage0_batch=1, stage0_res=56, stage1_steps=1, stage1_batch=1,
+                   stage2_steps=2, stage2_batch=1, save_every=1)
+    final = train_demo(tmp_path / "run", r)
+    card = json.loads((final / "card.json").read_text())
+    assert card["recipe"]["stage2_steps"] == 2 and card["heldout"]["questions"] == 2
+    assert 0.0 <= card["accuracy_torch_fp32"] <= 1.0
+    assert (tmp_path / "run" / "stage2" / "trainer_state.pt").is_file()
+    calls = []
+    monkeypatch.setattr(task, "score", lambda *a, **k: calls.append(a))
+    assert train_demo(tmp_path / "run", r) == final and calls == []  # nothing left to do
+    with pytest.raises(ValueError, match="another recipe"):
+        train_demo(tmp_path / "run", DemoRecipe(n_train=5))
