@@ -154,7 +154,7 @@ def test_modelopt_accuracy_on_held_out_images(tiny_model, trt_qdq, precision):
     assert h.summary()["vision-path"]["worst_max_rel"] > 1e-4  # really quantised: far from fp32 parity
 
 
-def test_cli_calibrate_quantize_report_and_runtime(exported, tmp_path, capsys):
+def test_cli_calibrate_quantize_report_and_runtime(exported, tiny_dir, tmp_path, capsys):
     from hiwin_export.cli import main
     from hiwin_runtime.pipeline import Pipeline
 
@@ -168,7 +168,7 @@ def test_cli_calibrate_quantize_report_and_runtime(exported, tmp_path, capsys):
     assert main(["quantize", "--export", str(out), "--calibration", str(cal), "--mode", "fp8"]) == 2
     assert "backend ort has no mode 'fp8'" in capsys.readouterr().err
     jp, mp = tmp_path / "r.json", tmp_path / "r.md"
-    assert main(["parity", "--export", str(out), "--precision", "int8", "--recipe", str(recipe), "--tokens", "6",
+    assert main(["parity", "--model", str(tiny_dir), "--export", str(out), "--precision", "int8", "--recipe", str(recipe), "--tokens", "6",
                  "--report-json", str(jp), "--report-md", str(mp)]) == 0
     rep = json.loads(jp.read_text())
     assert rep["split"] == "held_out" and len(rep["images"]) == 2

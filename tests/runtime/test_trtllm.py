@@ -384,7 +384,7 @@ def test_fp16_checkpoint(trtllm_fp16, tiny_model):
 
 
 @pytest.mark.slow
-def test_fp8_and_int4_awq_checkpoints(tiny_model, tmp_path):
+def test_fp8_and_int4_awq_checkpoints(tiny_model, tiny_dir, tmp_path):
     """ModelOpt on the CPU: the written checkpoints carry the algorithm TensorRT-LLM reads, fp8 weights
     dequantize to the source weights, and the int4 checkpoint (packed, grouped, AWQ-scaled) computes
     what ModelOpt's own fake-quantized model computes."""
@@ -396,7 +396,7 @@ def test_fp8_and_int4_awq_checkpoints(tiny_model, tmp_path):
     from hiwin_export.trtllm import dequantized_state_dict
 
     ref = {k: v.float() for k, v in tiny_model.llm.state_dict().items()}
-    assert main(["trtllm", "--out", str(tmp_path / "fp8"), "--precision", "fp8"]) == 0
+    assert main(["trtllm", "--model", str(tiny_dir), "--out", str(tmp_path / "fp8"), "--precision", "fp8"]) == 0
     d = tmp_path / "fp8"
     q = json.loads((d / "hf_quant_config.json").read_text())["quantization"]
     assert q["quant_algo"] == "FP8" and set(q["exclude_modules"]) == {"lm_head", "model.embed_tokens"}
