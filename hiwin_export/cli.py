@@ -6,7 +6,7 @@
   hiwin-export eval [--model DIR|EXPORT_DIR] [--reference DIR] [--backend torch,onnx,genai]
                [--precision fp32,fp16,int8] [--limit N] [--out eval.json]   demo-task accuracy (docs/demo.md)
   hiwin-export bench [--sizes 1008x672 336x336] [--repeats 3] [--e2e tiny real-width]
-  hiwin-export engines --export EXPORT_DIR --out ENGINE_DIR --target a100|h100|orin [--precision fp16]
+  hiwin-export engines --export EXPORT_DIR --out ENGINE_DIR --target a100|h100|orin [--precision fp16|int8trt|fp8trt]
                [--plugin-lib libhiwin_plugins.so] [--emit-trtexec [SCRIPT]]     TensorRT engine set (docs/tensorrt.md)
   hiwin-export verify-engines --export EXPORT_DIR --engines ENGINE_DIR [--mode runner|polygraphy]
   hiwin-export llama-dir --model DIR --out LLAMA_DIR      the LLM as a plain HF Llama directory
@@ -247,10 +247,15 @@ def cmd_engines(a) -> int:
 
     from .engines import BuildError, EngineOptions, build_engines, emit_trtexec, index_engines
 
-    opts = EngineOptions(target=a.target, precision=a.precision, plugin_lib=a.plugin_lib,
-                         workspace_gib=a.workspace_gib, opt_level=a.opt_level, timing_cache=a.timing_cache,
-                         num_profiles=a.num_profiles, max_slices=a.max_slices, vision_batch=a.vision_batch,
-                         upsample_batch=a.upsample_batch, serialize_plugins=a.serialize_plugins, trt_major=a.trt_major)
+    try:
+        opts = EngineOptions(target=a.target, precision=a.precision, plugin_lib=a.plugin_lib,
+                             workspace_gib=a.workspace_gib, opt_level=a.opt_level, timing_cache=a.timing_cache,
+                             num_profiles=a.num_profiles, max_slices=a.max_slices, vision_batch=a.vision_batch,
+                             upsample_batch=a.upsample_batch, serialize_plugins=a.serialize_plugins,
+                             trt_major=a.trt_major)
+    except ValueError as e:  # an option that cannot work (e.g. fp8trt for a target without FP8 tensor cores)
+        print(f"hiwin-export: engines: {e}", file=sys.stderr)
+        return 2
     if a.emit_trtexec is not None:
         script = a.emit_trtexec or f"{a.out}.{a.target}.trtexec.sh"
         text = emit_trtexec(a.export, a.out, opts, script)
@@ -369,7 +374,9 @@ def _add_engine_args(g: argparse.ArgumentParser) -> None:
     g.add_argument("--export", required=True, help="export directory (hiwin-export export)")
     g.add_argument("--out", required=True, help="engine set directory to write")
     g.add_argument("--target", required=True, choices=["a100", "h100", "orin"])
-    g.add_argument("--precision", default="fp32", choices=["fp32", "fp16"], help="which exported graphs")
+    g.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int8trt", "fp8trt"],
+                   help="which exported graphs; int8trt / fp8trt: ModelOpt Q/DQ graphs (hiwin-export quantize "
+                   "--backend modelopt), fp8trt on h100 only")
     g.add_argument("--plugin-lib", help="libhiwin_plugins.so (needed for tensorrt-flavour exports)")
     g.add_argument("--workspace-gib", type=float, help="builder workspace limit (default: 8 on a100/h100, 2 on orin)")
     g.add_argument("--opt-level", type=int, default=3, help="builder optimisation level 0-5 (default 3)")

@@ -8,7 +8,11 @@ One engine per vision graph of the chosen precision (``vit``, ``jbu`` and the pr
 export's projector is the single any-grid graph ``hiwin.onnx``, so the set holds one engine and one
 copy of the projector weights; a faithful export has one graph, hence one engine and one weight
 copy, per sampling-grid bucket). Every network is strongly typed (the fp16 graphs carry their own
-casts; no precision builder flags, which TensorRT 11 removed). Each engine gets the optimisation
+casts, the int8trt / fp8trt graphs ModelOpt's Q/DQ nodes; no precision builder flags, which TensorRT 11
+removed). Quantised sets are built from an onnx-flavour export's ``*.int8trt`` / ``*.fp8trt`` graphs
+(``hiwin-export quantize --backend modelopt``; a plugin-flavour export has none, since calibration runs
+on ONNX Runtime), fp8 only for targets with FP8 tensor cores (h100), and their provenance goes into
+``engines.json``. Each engine gets the optimisation
 profiles of :mod:`hiwin_export.profiles` (every crop the slicer makes, plus the bundles' grids), a
 batch range (ViT: up to ``max_slices + 1`` crops of one shape; JBU and projector: the runtime's
 up-sampling batch, 1 by default; the runtime splits larger batches), the workspace limit, the
@@ -53,7 +57,12 @@ log = logging.getLogger("hiwin_export")
 
 PLUGIN_OPS = ("HiwinRoiAlign", "HiwinJbuConv")  # op types served by libhiwin_plugins.so (engines/plugins)
 PLUGIN_LIB_NAME = "libhiwin_plugins.so"
-FP16_MIN_COSINE = 0.999  # the export's fp16 bound (README: fp16 cosine >= 0.999)
+# Precisions an engine set can be built from. fp16: the export's cast graphs; int8trt / fp8trt: ModelOpt's
+# Q/DQ graphs (hiwin-export quantize --backend modelopt), built as explicitly quantised, strongly typed
+# networks (the Q/DQ nodes carry the precision: no INT8 / FP8 builder flag, no calibrator).
+ENGINE_PRECISIONS = ("fp32", "fp16", "int8trt", "fp8trt")
+QDQ_MODES = {"int8trt": "int8", "fp8trt": "fp8"}  # engine precision -> ModelOpt quantize_mode
+FP8_MIN_SM = (8, 9)  # FP8 tensor cores: Ada (sm_89) and Hopper (sm_90); not A100 (sm_80) nor Orin (sm_87)
 
 
 class BuildError(RuntimeError):
@@ -74,6 +83,10 @@ class Target:
     @property
     def sm(self) -> str:
         return f"{self.compute_capability[0]}{self.compute_capability[1]}"
+
+    @property
+    def has_fp8(self) -> bool:
+        return tuple(self.compute_capability) >= FP8_MIN_SM
 
 
 TARGETS = {
@@ -107,8 +120,17 @@ class EngineOptions:
     def __post_init__(self):
         if self.target not in TARGETS:
             raise ValueError(f"unknown target {self.target!r} (known: {', '.join(TARGETS)})")
-        if self.precision not in ("fp32", "fp16"):
-            raise ValueError(f"precision must be fp32 or fp16, got {self.precision!r}")
+        if self.precision == "int8":
+            raise ValueError("precision int8 is ONNX Runtime's CPU placement (uint8 asymmetric activations, which "
+                             "TensorRT's int8 does not take); TensorRT engines use int8trt (hiwin-export quantize "
+                             "--backend modelopt --mode int8)")
+        if self.precision not in ENGINE_PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(ENGINE_PRECISIONS)}, got {self.precision!r}")
+        t = TARGETS[self.target]
+        if self.precision == "fp8trt" and not t.has_fp8:
+            raise ValueError(f"precision fp8trt: target {t.name} ({t.gpu}, sm_{t.sm}) has no FP8 tensor cores (FP8 "
+                             f"needs sm_{FP8_MIN_SM[0]}{FP8_MIN_SM[1]}+: Ada / Hopper, e.g. h100); build --precision "
+                             f"int8trt for {t.name}")
         if not 0 <= self.opt_level <= 5:
             raise ValueError(f"--opt-level must be in 0..5, got {self.opt_level}")
         if self.workspace_gib is not None and self.workspace_gib <= 0:
@@ -151,14 +173,37 @@ class EnginePlan:
     plugin_ops: list[str] = field(default_factory=list)
 
 
+def _quantize_hint(export: ExportDir, precision: str) -> str:
+    return (f"hiwin-export quantize --export {export.path} --backend modelopt --mode {QDQ_MODES[precision]} "
+            "--families vit,jbu,hiwin")
+
+
 def vision_graphs(export: ExportDir, precision: str) -> list[GraphId]:
     gids = [g for g in export.graph_ids() if g.is_vision and g.precision == precision]
+    if not gids and precision in QDQ_MODES:
+        if export.flavour != "onnx":
+            # ModelOpt calibrates on ONNX Runtime, which cannot run the plugin nodes: quantised graphs exist for
+            # onnx-flavour exports only, and TensorRT builds those with its own ops (no plugin library).
+            raise ExportError(f"{export.path}: a {export.flavour!r}-flavour export has no {precision} graphs "
+                              "(quantisation calibrates on ONNX Runtime, which cannot run the plugin nodes): quantise "
+                              "the onnx-flavour export of the same model and build its engines from it (TensorRT "
+                              "builds its JBU and projector with its own ops, no plugin library)")
+        raise ExportError(f"{export.path}: no {precision} vision graphs; make them first: "
+                          f"{_quantize_hint(export, precision)}")
     if not gids:
         raise ExportError(f"{export.path}: no {precision} vision graphs (exported with --no-fp16?)")
     fams = {g.family for g in gids}
     missing = [f for f in ("vit", "jbu", "hiwin") if f not in fams]
     if missing:
-        raise ExportError(f"{export.path}: the {precision} vision path needs {', '.join(missing)} as well")
+        hint = f" ({_quantize_hint(export, precision)})" if precision in QDQ_MODES else ""
+        raise ExportError(f"{export.path}: the {precision} vision path needs {', '.join(missing)} as well{hint}")
+    if precision in QDQ_MODES:
+        for g in gids:
+            prov = export.graphs[g.name].get("provenance") or {}
+            if prov.get("backend") != "modelopt" or prov.get("mode") != QDQ_MODES[precision]:
+                raise ExportError(f"{export.path}: {g.file} is not a ModelOpt {QDQ_MODES[precision]} Q/DQ graph "
+                                  f"(provenance backend {prov.get('backend')!r}, mode {prov.get('mode')!r}); "
+                                  f"re-make it: {_quantize_hint(export, precision)}")
     return gids
 
 
@@ -370,8 +415,29 @@ def _header(export: ExportDir, opts: EngineOptions, trt, device, plugins: dict, 
         "gpu": device.to_json(),
         "export": {"path": str(export.path.resolve()), "manifest_sha256": sha256(export.path / "manifest.json")},
         "build": {**opts.to_json(), "builder": builder},
-        "plugins": plugins, "coverage": coverage, "projector": _projector_note(plans), "engines": {},
+        "plugins": plugins, "coverage": coverage, "projector": _projector_note(plans),
+        "quantization": _quantization(opts, plans), "engines": {},
     }
+
+
+# what engines.json keeps of a quantised graph's manifest provenance (the policy text stays in the manifest)
+PROVENANCE_KEYS = ("backend", "mode", "method", "calibration_sha256", "calibration_samples", "qdq_pairs",
+                   "nodes_excluded", "nodes_excluded_extra", "high_precision_dtype", "modelopt", "onnxruntime", "onnx")
+
+
+def _provenance(plan: EnginePlan) -> dict | None:
+    prov = plan.entry.get("provenance")
+    return None if prov is None else {k: prov[k] for k in PROVENANCE_KEYS if k in prov}
+
+
+def _quantization(opts: EngineOptions, plans: list[EnginePlan]) -> dict | None:
+    """None for fp32 / fp16 sets; for int8trt / fp8trt: how the engines are quantised and from what."""
+    if opts.precision not in QDQ_MODES:
+        return None
+    return {"precision": opts.precision, "mode": QDQ_MODES[opts.precision],
+            "scheme": "explicit: ModelOpt Q/DQ nodes in the ONNX graphs, strongly typed network, no INT8/FP8 "
+                      "builder flag and no calibrator",
+            "graphs": {p.graph.name: _provenance(p) for p in plans}}
 
 
 def _engine_entry(export: ExportDir, plan: EnginePlan, path: Path) -> dict:
@@ -384,7 +450,7 @@ def _engine_entry(export: ExportDir, plan: EnginePlan, path: Path) -> dict:
             "outputs": [o["name"] for o in plan.entry["outputs"]],
             "profiles": [p.to_json() for p in plan.profiles], "batch": plan.batch.to_json(),
             "shapes": [{n: [list(s) for s in v] for n, v in sh.items()} for sh in plan.shapes],
-            "plugin_ops": plan.plugin_ops}
+            "plugin_ops": plan.plugin_ops, "precision": plan.graph.precision, "provenance": _provenance(plan)}
 
 
 # ------------------------------------------------------------------------------------ index
@@ -479,6 +545,9 @@ def emit_trtexec(export_dir: str | os.PathLike, out_dir: str | os.PathLike, opts
         + (" (JetPack 6: TensorRT 10.3)" if t.name == "orin" else ""),
         f"# generated by `hiwin-export engines --emit-trtexec` from {export.path.resolve()}",
         f"# {len(plans)} engines, {opts.precision} graphs, strongly typed; profiles cover every crop the slicer makes",
+        *([f"# {opts.precision}: ModelOpt {QDQ_MODES[opts.precision]} Q/DQ graphs, explicitly quantised: the Q/DQ "
+           "nodes set the precision (no --int8 / --fp8 / --best, no calibration cache)"]
+          if opts.precision in QDQ_MODES else []),
         "# (hiwin_export/profiles.py). Run it on the target; override the paths with the variables below.",
         "set -euo pipefail",
         f'EXPORT="${{EXPORT:-{export.path.resolve()}}}"',
@@ -566,19 +635,24 @@ def verify_engines(export_dir: str | os.PathLike, engines_dir: str | os.PathLike
                    polygraphy: str = "polygraphy", timeout: float = 1800) -> list[BundleResult]:
     """Run the export's parity bundles on the engines. ``runner``: through
     :class:`hiwin_runtime.trt.TrtRunner` (the runtime's own path; fp32 sets against the bundle's
-    ``--atol``, fp16 sets cosine >= 0.999); ``polygraphy``: ``polygraphy run <engine> --trt`` with the
+    ``--atol``; fp16, int8trt and fp8trt sets against the bundle's fp32 reference with the cosine bounds
+    of ``hiwin-export parity --precision``, :data:`hiwin_export.parity.MIN_COSINE`); ``polygraphy``: ``polygraphy run <engine> --trt`` with the
     bundle's inputs, reference and tolerances, on the profile the runtime would choose (fp32 sets)."""
     from polygraphy.comparator import RunResults
     from polygraphy.json import load_json
 
     if mode not in ("runner", "polygraphy"):
         raise ValueError(f"mode must be runner or polygraphy, got {mode!r}")
+    from .parity import MIN_COSINE  # the bounds of `hiwin-export parity --precision` (fp16, int8trt, fp8trt)
+
     export = ExportDir(export_dir)
     info = read_engine_set(engines_dir)
     precision = info["precision"]
+    if precision not in ("fp32", *MIN_COSINE):
+        raise EngineError(f"{engines_dir}: engine set of precision {precision!r}: no bound to verify it against")
     if mode == "polygraphy" and precision != "fp32":
-        raise ValueError("--mode polygraphy checks the bundles' fp32 tolerance; verify fp16 engine sets with "
-                         "--mode runner (cosine >= 0.999)")
+        raise ValueError(f"--mode polygraphy checks the bundles' fp32 tolerance; verify {precision} engine sets with "
+                         f"--mode runner (cosine >= {MIN_COSINE[precision]:g} against the fp32 reference)")
     runner = None
     if mode == "runner":
         runner = TrtRunner(engines_dir, export=export, plugin_lib=plugin_lib, trt=trt, cuda=cuda)
@@ -603,8 +677,10 @@ def verify_engines(export_dir: str | os.PathLike, engines_dir: str | os.PathLike
                     if o.shape == r.shape:
                         diff = float(np.abs(o - r).max())
                         cos = float((o * r).sum() / max(np.linalg.norm(o) * np.linalg.norm(r), 1e-30))
-                    ok = diff <= atol[name] if precision == "fp32" else cos >= FP16_MIN_COSINE
-                    res.outputs[name] = {"max_abs": diff, "atol": atol[name], "cosine": cos, "passed": bool(ok)}
+                    ok = diff <= atol[name] if precision == "fp32" else cos >= MIN_COSINE[precision]
+                    res.outputs[name] = {"max_abs": diff, "atol": atol[name], "cosine": cos, "passed": bool(ok),
+                                         "bound": (f"max_abs<={atol[name]:.6g}" if precision == "fp32"
+                                                   else f"cosine>={MIN_COSINE[precision]:g}")}
                     res.passed = res.passed and bool(ok)
                 results.append(res)
             else:

@@ -259,7 +259,10 @@ class Pipeline:
         if vision == "tensorrt":
             from .trt import TrtRunner
 
-            stages = TrtRunner(engines, export=export).vision_stages()
+            from .graph_id import QUANTIZED
+
+            # the engines' precision is in engines.json; a quantised precision asked for must be the set's
+            stages = TrtRunner(engines, export=export).vision_stages(precision if precision in QUANTIZED else None)
         backend = OrtBackend(export, precision=precision, providers=providers, threads=threads,
                              max_vision_batch=max_vision_batch, max_upsample_batch=max_upsample_batch,
                              vision_stages=stages)

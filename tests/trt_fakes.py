@@ -171,6 +171,11 @@ def make_fake_trt(version: str = "10.3.0", cuda: FakeCuda | None = None):
                 self.errors = [f"No importer registered for op: {ops[0]}"]
                 return False
             init = {i.name for i in model.graph.initializer}
+            # what a strongly typed build takes its precision from: the Q/DQ nodes and their zero-point types
+            zps = {i.name: i.data_type for i in model.graph.initializer}
+            qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+            rec("parsed", path, len(qdq), sorted({onnx.TensorProto.DataType.Name(zps[n.input[2]])
+                                                  for n in qdq if len(n.input) > 2 and n.input[2] in zps}))
             self.network.source = path
             self.network.inputs = [i.name for i in model.graph.input if i.name not in init]
             self.network.outputs = [o.name for o in model.graph.output]
@@ -579,3 +584,93 @@ class DeviceMemory:
     def write(self, ptr: int, array: np.ndarray) -> None:
         self.rt.h2d(ptr, np.ascontiguousarray(array), self._s)
         self.rt.sync(self._s)
+
+
+# ------------------------------------------------------------------------------------ synthetic Q/DQ graphs
+QDQ_TENSORS = {"vit": ("pooled", "w"), "jbu": ("g",), "hiwin": ("m", "w")}  # activations / weights quantised
+
+
+def qdq_model(model, tensors, feeds: list[dict], mode: str = "int8"):
+    """``model`` with a QuantizeLinear -> DequantizeLinear pair on each of ``tensors`` (activations or
+    initializers; per-tensor, symmetric, scale = max|x| / qmax over runs on ``feeds``), the form of
+    ModelOpt's explicit quantisation: int8 or fp8 (Float8E4M3FN, opset 19)."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import helper, numpy_helper
+
+    model = onnx.ModelProto.FromString(model.SerializeToString())
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    probe = onnx.ModelProto.FromString(model.SerializeToString())
+    acts = [t for t in tensors if t not in inits]
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in acts)
+    sess = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    amax = {t: max(float(np.abs(v).max()) for v in vs) for t, vs in zip(
+        [o.name for o in sess.get_outputs()], zip(*(sess.run(None, f) for f in feeds)))}
+    amax.update({t: float(np.abs(v).max()) for t, v in inits.items()})
+    qmax, zp_type = (127.0, onnx.TensorProto.INT8) if mode == "int8" else (448.0, onnx.TensorProto.FLOAT8E4M3FN)
+    nodes = []
+    for t in tensors:
+        scale = np.float32(max(amax[t], 1e-8) / qmax)
+        model.graph.initializer.extend([numpy_helper.from_array(np.array(scale, np.float32), f"{t}_scale"),
+                                        helper.make_tensor(f"{t}_zp", zp_type, [], [0])])
+        for n in model.graph.node:
+            n.input[:] = [f"{t}_dq" if i == t else i for i in n.input]
+        nodes += [helper.make_node("QuantizeLinear", [t, f"{t}_scale", f"{t}_zp"], [f"{t}_q"], name=f"{t}_QuantizeLinear"),
+                  helper.make_node("DequantizeLinear", [f"{t}_q", f"{t}_scale", f"{t}_zp"], [f"{t}_dq"],
+                                   name=f"{t}_DequantizeLinear")]
+    pending, known = list(model.graph.node) + nodes, set(inits) | {i.name for i in model.graph.input} | {""}
+    known |= {i.name for i in model.graph.initializer}
+    out = []
+    while pending:  # topological order
+        ready = [n for n in pending if all(i in known for i in n.input)]
+        assert ready, "cycle"
+        for n in ready:
+            out.append(n)
+            known.update(n.output)
+        pending = [n for n in pending if n not in ready]
+    del model.graph.node[:]
+    model.graph.node.extend(out)
+    if mode == "fp8":
+        del model.opset_import[:]
+        model.opset_import.extend([helper.make_opsetid("", 19)])
+    onnx.checker.check_model(model)
+    return model
+
+
+def add_qdq_graphs(export: Path, mode: str = "int8", provenance: dict | None = None) -> Path:
+    """Add ``<family>.int8trt`` / ``.fp8trt`` Q/DQ graphs (:func:`qdq_model`) to a synthetic export, listed
+    in its manifest with a provenance entry shaped like ``hiwin-export quantize --backend modelopt``'s."""
+    import onnx
+
+    from hiwin_runtime.manifest import sha256
+
+    export = Path(export)
+    precision = {"int8": "int8trt", "fp8": "fp8trt"}[mode]
+    mf = json.loads((export / "manifest.json").read_text())
+    models = synthetic_graphs(mf["graphs"]["vit"]["outputs"][0]["shape"][1])
+    import onnxruntime as ort
+
+    # calibration: fresh random crops through the fp32 chain (each graph sees what the one before gives it)
+    rng = np.random.default_rng(5)
+    sess = {f: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for f, m in models.items()}
+    feeds = {"vit": [], "jbu": [], "hiwin": []}
+    for h, w in ((24, 24), (12, 40), (40, 12), (16, 32)):
+        px = rng.standard_normal((1, 3, 14 * h, 14 * w)).astype(np.float32)
+        (f1,) = sess["vit"].run(None, {"pixel_values": px})
+        f2, f4 = sess["jbu"].run(None, {"features": f1, "pixel_values": px})
+        feeds["vit"].append({"pixel_values": px})
+        feeds["jbu"].append({"features": f1, "pixel_values": px})
+        feeds["hiwin"].append({"feat1x": f1, "feat2x": f2, "feat4x": f4})
+    for fam in ("vit", "jbu", "hiwin"):
+        q = qdq_model(models[fam], QDQ_TENSORS[fam], feeds[fam], mode)
+        f = export / f"{fam}.{precision}.onnx"
+        onnx.save_model(q, str(f))
+        entry = dict(mf["graphs"][fam])
+        entry.update(file=f.name, sha256=sha256(f), precision=precision, provenance={
+            "backend": "modelopt", "mode": mode, "method": f"modelopt.onnx.quantization.quantize, mode {mode}, "
+            "calibration max", "calibration_sha256": f"synthetic-{fam}", "calibration_samples": 1,
+            "qdq_pairs": len(QDQ_TENSORS[fam]), "high_precision_dtype": "fp32", "policy": {"x": "not recorded"},
+            **(provenance or {})})
+        mf["graphs"][f"{fam}.{precision}"] = entry
+    (export / "manifest.json").write_text(json.dumps(mf, indent=1))
+    return export
