@@ -14,6 +14,9 @@ every engine, of its source graph and of the plugin library. :class:`TrtRunner` 
 by another TensorRT version or for another compute capability, a modified file, or engines built
 from other graphs than the export's, each with a message that says what to rebuild.
 
+Quantised sets (``int8trt`` / ``fp8trt``: ModelOpt Q/DQ graphs, built strongly typed) run the same
+way, with fp32 inputs and outputs; the set's precision is the one in ``engines.json``.
+
 Per stage call the runner picks the engine's optimisation profile from the crop's patch grid
 (:func:`choose_profile`: the smallest profile box containing it), splits a batch beyond the
 profile's maximum into chunks, copies the inputs to device buffers that are kept and grown across
