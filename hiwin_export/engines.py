@@ -636,8 +636,8 @@ def verify_engines(export_dir: str | os.PathLike, engines_dir: str | os.PathLike
     """Run the export's parity bundles on the engines. ``runner``: through
     :class:`hiwin_runtime.trt.TrtRunner` (the runtime's own path; fp32 sets against the bundle's
     ``--atol``; fp16, int8trt and fp8trt sets against the bundle's fp32 reference with the cosine bounds
-    of ``hiwin-export parity --precision``, :data:`hiwin_export.parity.MIN_COSINE`); ``polygraphy``: ``polygraphy run <engine> --trt`` with the
-    bundle's inputs, reference and tolerances, on the profile the runtime would choose (fp32 sets)."""
+    of ``hiwin-export parity --precision``, :data:`hiwin_export.parity.MIN_COSINE`); ``polygraphy``:
+    ``polygraphy run <engine> --trt`` with the bundle's inputs, reference and tolerances, on the profile the runtime would choose (fp32 sets)."""
     from polygraphy.comparator import RunResults
     from polygraphy.json import load_json
 

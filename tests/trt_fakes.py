@@ -615,7 +615,8 @@ def qdq_model(model, tensors, feeds: list[dict], mode: str = "int8"):
                                         helper.make_tensor(f"{t}_zp", zp_type, [], [0])])
         for n in model.graph.node:
             n.input[:] = [f"{t}_dq" if i == t else i for i in n.input]
-        nodes += [helper.make_node("QuantizeLinear", [t, f"{t}_scale", f"{t}_zp"], [f"{t}_q"], name=f"{t}_QuantizeLinear"),
+        nodes += [helper.make_node("QuantizeLinear", [t, f"{t}_scale", f"{t}_zp"], [f"{t}_q"],
+                                   name=f"{t}_QuantizeLinear"),
                   helper.make_node("DequantizeLinear", [f"{t}_q", f"{t}_scale", f"{t}_zp"], [f"{t}_dq"],
                                    name=f"{t}_DequantizeLinear")]
     pending, known = list(model.graph.node) + nodes, set(inits) | {i.name for i in model.graph.input} | {""}
@@ -652,7 +653,8 @@ def add_qdq_graphs(export: Path, mode: str = "int8", provenance: dict | None = N
 
     # calibration: fresh random crops through the fp32 chain (each graph sees what the one before gives it)
     rng = np.random.default_rng(5)
-    sess = {f: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for f, m in models.items()}
+    sess = {f: ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+            for f, m in models.items()}
     feeds = {"vit": [], "jbu": [], "hiwin": []}
     for h, w in ((24, 24), (12, 40), (40, 12), (16, 32)):
         px = rng.standard_normal((1, 3, 14 * h, 14 * w)).astype(np.float32)

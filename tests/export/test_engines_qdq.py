@@ -217,3 +217,28 @@ def test_cli_builds_int8trt_and_index_keeps_provenance(synth_q, tmp_path, monkey
     idx = read_engine_set(tmp_path / "e")
     assert rc == 0 and idx["quantization"] == built["quantization"] and idx["engines"] == built["engines"]
     assert cli.main(["verify-engines", "--export", str(synth_q), "--engines", str(tmp_path / "e")]) == 0
+
+
+# ------------------------------------------------------------------------------------ the real thing
+def _real_tensorrt():
+    try:
+        import tensorrt as trt
+    except ImportError:
+        return None
+    return trt if hasattr(trt, "Builder") else None
+
+
+@pytest.mark.skipif(_real_tensorrt() is None, reason="needs TensorRT and a GPU")
+def test_real_tensorrt_builds_and_verifies_qdq_engines(synth_q, tmp_path):
+    from hiwin_runtime.trt import CudaRuntime
+
+    cc = CudaRuntime().device().compute_capability
+    target = next((n for n, t in E.TARGETS.items() if t.compute_capability == cc), None)
+    if target is None:
+        pytest.skip(f"no hiwin target for compute capability {cc}")
+    for precision in ("int8trt", "fp8trt") if E.TARGETS[target].has_fp8 else ("int8trt",):
+        out = tmp_path / precision
+        info = E.build_engines(synth_q, out, E.EngineOptions(target=target, precision=precision, num_profiles=2))
+        res = E.verify_engines(synth_q, out)
+        assert info["quantization"]["mode"] == E.QDQ_MODES[precision]
+        assert all(r.passed for r in res), [r.line() for r in res]

@@ -255,6 +255,8 @@ def test_pipeline_runs_its_vision_path_on_the_engines(tiny_export, tmp_path, mon
     assert not any(n.startswith(("vit", "jbu", "hiwin")) for n in pipe.backend.runner.sessions)  # no ORT vision
     with pytest.raises(ValueError, match="needs engines="):
         Pipeline.from_export(tiny_export, vision="tensorrt")
+    with pytest.raises(rt.EngineError, match="built from the fp32 graphs, int8trt was requested"):
+        Pipeline.from_export(tiny_export, engines=tmp_path / "eng", precision="int8trt")  # the set decides
     with pytest.raises(ValueError, match="onnxruntime or tensorrt"):
         Pipeline.from_export(tiny_export, vision="openvino")
     # hiwin-run --engines
