@@ -22,14 +22,12 @@ is imported when a backend is built.
 
 from __future__ import annotations
 
-import json
 import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from .manifest import ExportError, sha256
+from .manifest import LanguageDir
 from .pipeline import Backend
 
 FACTS = "hiwin_genai.json"
@@ -54,40 +52,10 @@ def genai_prompt_ids(pre: list[int], num_visual: int, post: list[int]) -> list[i
     return [*pre, *([PLACEHOLDER] * num_visual), *post]
 
 
-class GenAIDir:
+class GenAIDir(LanguageDir):
     """A GenAI directory written by ``hiwin-export genai``: ``hiwin_genai.json`` + sha256-checked files."""
 
-    def __init__(self, path: str | os.PathLike, *, verify: bool = True):
-        self.path = Path(path)
-        f = self.path / FACTS
-        if not self.path.is_dir():
-            raise ExportError(f"{self.path}: GenAI directory not found")
-        if not f.is_file():
-            raise ExportError(f"{self.path}: no {FACTS} (not written by `hiwin-export genai`)")
-        try:
-            self.facts = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise ExportError(f"{f}: invalid JSON ({e})") from e
-        if verify:
-            self.verify()
-
-    def verify(self) -> None:
-        files = self.facts.get("files", {})
-        missing = sorted(n for n in files if not (self.path / n).is_file())
-        modified = sorted(n for n, d in files.items() if n not in missing and sha256(self.path / n) != d)
-        if missing or modified:
-            raise ExportError(f"{self.path}: " + "; ".join(
-                [f"missing: {', '.join(missing)}"] * bool(missing) + [f"modified: {', '.join(modified)}"] * bool(modified))
-                + " (rebuild it with `hiwin-export genai`)")
-
-    def check_matches(self, language: dict, where: str) -> None:
-        """The GenAI directory was built from the same LLM as the export's language manifest."""
-        keys = ("hidden_size", "vocab_size", "num_layers", "context_length", "token_ids")
-        diff = {k: (self.facts.get(k), language.get(k)) for k in keys
-                if language.get(k) is not None and self.facts.get(k) != language.get(k)}
-        if diff:
-            raise ExportError(f"{self.path}: GenAI directory does not match the export {where}: "
-                              + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items()))
+    FACTS, KIND, COMMAND = FACTS, "GenAI", "hiwin-export genai"
 
 
 class GenAIBackend(Backend):

@@ -182,3 +182,50 @@ def _check_static(graph: str, name: str, a: np.ndarray, spec: dict) -> None:
     for ax, dim in enumerate(spec["shape"]):
         if isinstance(dim, int) and dim and a.shape[ax] != dim:
             raise ExportError(f"{graph}: input {name!r} axis {ax} must be {dim}, got {a.shape[ax]}")
+
+
+class LanguageDir:
+    """A directory that a ``hiwin-export`` command writes next to an export for another runtime's
+    language half (GenAI, TensorRT-LLM): a facts JSON (sizes, token ids, precision, sha256 of every
+    other file) checked on load. Subclasses set ``FACTS`` (the JSON's name), ``KIND`` (for messages)
+    and ``COMMAND`` (what rebuilds it), and may check their facts in ``_check_facts``."""
+
+    FACTS = ""
+    KIND = ""
+    COMMAND = ""
+
+    def __init__(self, path: str | os.PathLike, *, verify: bool = True):
+        self.path = Path(path)
+        f = self.path / self.FACTS
+        if not self.path.is_dir():
+            raise ExportError(f"{self.path}: {self.KIND} directory not found")
+        if not f.is_file():
+            raise ExportError(f"{self.path}: no {self.FACTS} (not written by `{self.COMMAND}`)")
+        try:
+            self.facts = json.loads(f.read_text())
+        except json.JSONDecodeError as e:
+            raise ExportError(f"{f}: invalid JSON ({e})") from e
+        self._check_facts(f)
+        if verify:
+            self.verify()
+
+    def _check_facts(self, facts_file: Path) -> None:
+        pass
+
+    def verify(self) -> None:
+        files = self.facts.get("files", {})
+        missing = sorted(n for n in files if not (self.path / n).is_file())
+        modified = sorted(n for n, d in files.items() if n not in missing and sha256(self.path / n) != d)
+        if missing or modified:
+            raise ExportError(f"{self.path}: " + "; ".join(
+                [f"missing: {', '.join(missing)}"] * bool(missing) + [f"modified: {', '.join(modified)}"] * bool(modified))
+                + f" (rebuild it with `{self.COMMAND}`)")
+
+    def check_matches(self, language: dict, where: str) -> None:
+        """The directory was built from the same LLM as the export's language manifest."""
+        keys = ("hidden_size", "vocab_size", "num_layers", "context_length", "token_ids")
+        diff = {k: (self.facts.get(k), language.get(k)) for k in keys
+                if language.get(k) is not None and self.facts.get(k) != language.get(k)}
+        if diff:
+            raise ExportError(f"{self.path}: {self.KIND} directory does not match the export {where}: "
+                              + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items()))

@@ -24,14 +24,13 @@ No torch here: ``tensorrt_llm`` (and with it torch) is imported when a backend i
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 
-from .manifest import ExportError, sha256
+from .manifest import ExportError, LanguageDir
 from .pipeline import Backend, GenerationConfig, RequestError, prompt_table_ids
 
 FACTS = "hiwin_trtllm.json"
@@ -133,41 +132,14 @@ def sampling_kwargs(cfg: GenerationConfig, *, eos: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------ the directory
-class TrtLlmDir:
+class TrtLlmDir(LanguageDir):
     """A directory written by ``hiwin-export trtllm``: ``hiwin_trtllm.json`` + sha256-checked files."""
 
-    def __init__(self, path: str | os.PathLike, *, verify: bool = True):
-        self.path = Path(path)
-        f = self.path / FACTS
-        if not self.path.is_dir():
-            raise ExportError(f"{self.path}: TensorRT-LLM directory not found")
-        if not f.is_file():
-            raise ExportError(f"{self.path}: no {FACTS} (not written by `hiwin-export trtllm`)")
-        try:
-            self.facts = json.loads(f.read_text())
-        except json.JSONDecodeError as e:
-            raise ExportError(f"{f}: invalid JSON ({e})") from e
+    FACTS, KIND, COMMAND = FACTS, "TensorRT-LLM", "hiwin-export trtllm"
+
+    def _check_facts(self, facts_file: Path) -> None:
         if self.facts.get("precision") not in PRECISIONS:
-            raise ExportError(f"{f}: unknown precision {self.facts.get('precision')!r}")
-        if verify:
-            self.verify()
-
-    def verify(self) -> None:
-        files = self.facts.get("files", {})
-        missing = sorted(n for n in files if not (self.path / n).is_file())
-        modified = sorted(n for n, d in files.items() if n not in missing and sha256(self.path / n) != d)
-        if missing or modified:
-            raise ExportError(f"{self.path}: " + "; ".join(
-                [f"missing: {', '.join(missing)}"] * bool(missing) + [f"modified: {', '.join(modified)}"] * bool(modified))
-                + " (rebuild it with `hiwin-export trtllm`)")
-
-    def check_matches(self, language: dict, where: str) -> None:
-        keys = ("hidden_size", "vocab_size", "num_layers", "context_length", "token_ids")
-        diff = {k: (self.facts.get(k), language.get(k)) for k in keys
-                if language.get(k) is not None and self.facts.get(k) != language.get(k)}
-        if diff:
-            raise ExportError(f"{self.path}: TensorRT-LLM directory does not match the export {where}: "
-                              + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in diff.items()))
+            raise ExportError(f"{facts_file}: unknown precision {self.facts.get('precision')!r}")
 
 
 # ------------------------------------------------------------------------------------ the backend

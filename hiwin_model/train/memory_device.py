@@ -38,6 +38,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from .memory import _local_bytes
+
 GIB = 1 << 30
 MIB = 1 << 20
 MODES = ("lora", "full-bf16")
@@ -104,16 +106,7 @@ def predict(mode: str, n_trainable: int, n_frozen: int, units: dict[str, int], l
 
 
 # ---------------------------------------------------------------------------- one mode (subprocess)
-def _tensor_bytes(tensors) -> int:
-    from torch.distributed.tensor import DTensor
-
-    total = 0
-    for t in tensors:
-        if t is None:
-            continue
-        t = t.to_local() if isinstance(t, DTensor) else t
-        total += t.numel() * t.element_size()
-    return total
+_tensor_bytes = _local_bytes  # parameter / gradient / state bytes held locally (DTensor shards)
 
 
 @dataclasses.dataclass
