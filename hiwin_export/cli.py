@@ -304,20 +304,29 @@ def cmd_llama_dir(a) -> int:
     return 0
 
 
+def _llm_source(a, name: str) -> tuple[bool, dict | None]:
+    """Shared checks of ``genai`` / ``trtllm``: ``--model`` and ``--llama`` exclusive; the language
+    manifest of ``--export`` (None without it). ``(False, None)`` after printing the error."""
+    if a.model and a.llama:
+        print(f"hiwin-export: {name}: give --model or --llama, not both", file=sys.stderr)
+        return False, None
+    if not a.export:
+        return True, None
+    from hiwin_runtime.manifest import ExportDir
+
+    language = ExportDir(a.export, verify=False).manifest.get("language")
+    if language is None:
+        print(f"hiwin-export: {name}: {a.export} has no language model", file=sys.stderr)
+        return False, None
+    return True, language
+
+
 def cmd_genai(a) -> int:
     from .genai import GenAIBuildError, build_genai
 
-    if a.model and a.llama:
-        print("hiwin-export: genai: give --model or --llama, not both", file=sys.stderr)
+    ok, language = _llm_source(a, "genai")
+    if not ok:
         return 2
-    language = None
-    if a.export:
-        from hiwin_runtime.manifest import ExportDir
-
-        language = ExportDir(a.export, verify=False).manifest.get("language")
-        if language is None:
-            print(f"hiwin-export: genai: {a.export} has no language model", file=sys.stderr)
-            return 2
     try:
         facts = build_genai(a.out, model=None if a.llama else _model(a.model), llama_dir=a.llama,
                             precision=a.precision, overwrite=a.overwrite)
@@ -336,17 +345,9 @@ def cmd_genai(a) -> int:
 def cmd_trtllm(a) -> int:
     from .trtllm import TrtLlmExportError, build_trtllm
 
-    if a.model and a.llama:
-        print("hiwin-export: trtllm: give --model or --llama, not both", file=sys.stderr)
+    ok, language = _llm_source(a, "trtllm")
+    if not ok:
         return 2
-    language = None
-    if a.export:
-        from hiwin_runtime.manifest import ExportDir
-
-        language = ExportDir(a.export, verify=False).manifest.get("language")
-        if language is None:
-            print(f"hiwin-export: trtllm: {a.export} has no language model", file=sys.stderr)
-            return 2
     images = None
     if a.images:
         from hiwin_runtime.image import load_image

@@ -273,3 +273,13 @@ def test_e2e_benchmark_rows_for_genai(light_export, genai_fp32):
     assert b["token_ids"] == a["token_ids"] and len(b["token_ids"]) == 6 and b["ttft_s"] > 0
     assert _agreement(b["token_ids"], a["token_ids"]) == "yes"
     assert _agreement([1, 2, 9], [1, 2, 3]) == "NO (first 2 of 3)"
+
+
+@pytest.mark.parametrize("command", ["genai", "trtllm"])
+def test_language_exports_refuse_model_and_llama_together(command, tmp_path, capsys):
+    from hiwin_export.cli import main
+
+    out = tmp_path / "out"
+    assert main([command, "--model", str(tmp_path / "m"), "--llama", str(tmp_path / "l"), "--out", str(out)]) == 2
+    assert f"{command}: give --model or --llama, not both" in capsys.readouterr().err
+    assert not out.exists()
