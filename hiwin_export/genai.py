@@ -98,7 +98,10 @@ def run_builder(llama_dir: Path, out: Path, precision: str, *, execution_provide
                 extra_options: dict | None = None, cache_dir: Path | None = None) -> None:
     """``python -m onnxruntime_genai.models.builder`` on the Llama directory (a subprocess: the
     builder imports torch and transformers and prints a lot)."""
-    opts = {"exclude_embeds": "true", **(extra_options or {})}
+    # prune_lm_head: the prompt's logits only at its last position (all GenAI reads); at real width with
+    # a ~1300-token image prompt the LM head over every position is ~25 % of the prefill's FLOPs.
+    # Logits identical to the unpruned decoder's (measured: max |diff| 0.0 at 1033 visual rows).
+    opts = {"exclude_embeds": "true", "prune_lm_head": "true", **(extra_options or {})}
     with tempfile.TemporaryDirectory(prefix="hiwin-genai-cache-") as cache:
         cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(llama_dir), "-o", str(out),
                "-p", precision, "-e", execution_provider, "-c", str(cache_dir or cache),

@@ -270,7 +270,7 @@ class Pipeline:
         if language == "genai":
             from .genai import GenAIBackend
 
-            backend = GenAIBackend(genai, backend, language=lang, verify=verify)
+            backend = GenAIBackend(genai, backend, language=lang, verify=verify, threads=threads)
         elif language == "trtllm":
             from .trtllm import TrtLlmBackend
 

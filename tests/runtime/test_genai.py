@@ -139,6 +139,29 @@ def test_genai_directory(genai_fp32):
     facts = json.loads((genai_fp32 / "hiwin_genai.json").read_text())
     assert facts["precision"] == "fp32" and facts["placeholder_id"] == -1
     assert {"model.onnx", "embedding.onnx", "vision.onnx", "genai_config.json", "tokenizer.json"} <= set(facts["files"])
+    # the LM head pruned to the last position at prefill (the logits' first axis is the builder's
+    # "num_logits", not the prompt's length)
+    import onnx
+
+    dec = onnx.load(str(genai_fp32 / "model.onnx"), load_external_data=False)
+    (logits,) = [o for o in dec.graph.output if o.name == "logits"]
+    assert [d.dim_param or d.dim_value for d in logits.type.tensor_type.shape.dim][1] in (1, "num_logits")
+
+
+def test_genai_session_overlay(genai_pipe):
+    from hiwin_runtime.genai import physical_cores, session_overlay
+
+    assert physical_cores() >= 1
+    o = session_overlay(3)["model"]
+    assert o["decoder"]["session_options"] == {"intra_op_num_threads": 3}
+    for part in ("embedding", "vision"):
+        assert o[part]["session_options"]["intra_op_num_threads"] == 1
+        assert o[part]["session_options"]["session.intra_op.allow_spinning"] == "0"
+    assert session_overlay(None)["model"]["decoder"]["session_options"]["intra_op_num_threads"] == physical_cores()
+    with pytest.raises(ValueError, match="threads must be >= 1"):
+        session_overlay(-2)
+    # the backend applied it (GenAI accepted the overlay: the model loaded and answers, see the tests above)
+    assert genai_pipe.backend.session_options == session_overlay(None)
 
 
 @pytest.mark.parametrize("size", SIZES, ids=[f"{w}x{h}" for w, h in SIZES])
