@@ -103,11 +103,13 @@ class Backend:
         """(1, S, C) embeddings after ``past`` cached positions -> (last position's logits, cache)."""
         raise NotImplementedError
 
-    def prefill(self, pre: list[int], visual: np.ndarray, post: list[int]) -> tuple[np.ndarray, Any]:
+    def prefill(self, pre: list[int], visual: np.ndarray, post: list[int],
+                max_new_tokens: int | None = None) -> tuple[np.ndarray, Any]:
         """The prompt as (token ids before ``<image>``, visual embeddings (T, C), ids after): the
         form both LLM contracts start from. Embedding-input backends (ONNX, PyTorch) splice the
         embeddings; a prompt-table backend (TensorRT-LLM, Edge-LLM) would send
-        :func:`prompt_table_ids` and ``visual`` instead."""
+        :func:`prompt_table_ids` and ``visual`` instead. ``max_new_tokens``: the request's limit, for
+        a backend that sizes its KV cache up front (GenAI); the others grow theirs."""
         parts = [self.embed(np.array(pre, np.int64)) if pre else None, visual,
                  self.embed(np.array(post, np.int64)) if post else None]
         embeds = np.concatenate([p for p in parts if p is not None]).astype(np.float32)
@@ -425,7 +427,7 @@ class Pipeline:
     def _loop(self, pre, visual, post, L, cfg, rng, eos, deltas, ids, kept, keep_logits):
         """Our own generation loop over the backend's logits: yields text deltas, returns
         (first-token time, end time, finish reason)."""
-        logits, cache = self.backend.prefill(pre, visual, post)
+        logits, cache = self.backend.prefill(pre, visual, post, max_new_tokens=cfg.max_new_tokens)
         t_first = time.perf_counter()
         finish = "length"
         for step in range(cfg.max_new_tokens):

@@ -196,7 +196,7 @@ class TrtLlmBackend(Backend):
     def forward(self, embeds, cache, past):
         raise NotImplementedError("TensorRT-LLM reads token ids and a prompt table, not embeddings: use generate_tokens")
 
-    def prefill(self, pre, visual, post):
+    def prefill(self, pre, visual, post, max_new_tokens=None):
         raise NotImplementedError("TensorRT-LLM runs the generation loop itself: use generate_tokens")
 
     def request(self, pre: list[int], visual: np.ndarray, post: list[int]) -> dict:

@@ -164,6 +164,16 @@ def test_genai_session_overlay(genai_pipe):
     assert genai_pipe.backend.session_options == session_overlay(None)
 
 
+def test_genai_kv_buffer_sized_per_request(genai_pipe):
+    b = genai_pipe.backend
+    assert b.request_length(500, None) == b.max_length
+    assert b.request_length(500, 32) == 533
+    assert b.request_length(b.max_length - 10, 64) == b.max_length
+    # a request generates its max_new_tokens within that buffer (GenAI refuses tokens beyond max_length)
+    a = genai_pipe.generate(random_image(500, 300, seed=3), "Describe.", max_new_tokens=12, ignore_eos=True)
+    assert len(a.token_ids) == 12 and a.finish_reason == "length"
+
+
 @pytest.mark.parametrize("size", SIZES, ids=[f"{w}x{h}" for w, h in SIZES])
 def test_genai_greedy_tokens_equal_the_reference(tiny_model, ort_pipe, genai_pipe, size):
     img = random_image(*size, seed=sum(size))
