@@ -305,7 +305,7 @@ def e2e_worker(backend: str, path: str, kind: str, llm_layers: int, sizes: list[
         pipe = Pipeline.from_export(path, threads=torch.get_num_threads(), language="genai",
                                     genai=str(Path(path).parent / backend))
     else:
-        pipe = Pipeline.from_export(path, threads=torch.get_num_threads())
+        pipe = Pipeline.from_export(path, threads=torch.get_num_threads(), language="onnxruntime")
     out: dict = {"backend": backend, "images": {}, "weight_bytes": decoder_weight_bytes(backend, path, pipe)}
     for w, h in sizes:
         img = draw_scene(w, h, "square", "green", "bench")

@@ -48,12 +48,18 @@ def cmd_export(a) -> int:
     from .export import export_model
 
     graphs = a.graphs.split(",") if a.graphs else None
-    mf = export_model(_model(a.model), a.out, overwrite=a.overwrite, graphs=graphs, bundles=not a.no_bundles,
+    model = _model(a.model)
+    genai = a.genai
+    if genai is None:  # default: the GenAI directory (fp32) whenever the LLM is exported
+        genai = "fp32" if getattr(model, "llm", None) is not None and (graphs is None or "llm" in graphs) else "none"
+    mf = export_model(model, a.out, overwrite=a.overwrite, graphs=graphs, bundles=not a.no_bundles,
                        parity=None if a.parity == "none" else a.parity,
                        precisions=("fp32",) if a.no_fp16 else ("fp32", "fp16"), projector_impl=a.projector_impl,
-                       flavour=a.flavour)
+                       flavour=a.flavour, genai=None if genai == "none" else genai)
+    own = mf.get("language", {}).get("genai")
     print(f"{a.out}: {len(mf['graphs'])} graphs ({', '.join(sorted(mf['graphs']))}), opset {mf['opset']}, "
-          f"flavour {mf['flavour']}")
+          f"flavour {mf['flavour']}" + (f"; ONNX Runtime GenAI directory {own['dir']}/ ({own['precision']})"
+                                        if own else ""))
     return 0
 
 
@@ -70,7 +76,7 @@ def cmd_run(a) -> int:
     with tempfile.TemporaryDirectory(prefix="hiwin-run-") as tmp:
         log.info("no --model: exporting the embedded demo model (docs/demo.md) ...")
         path = str(Path(tmp) / "export")
-        export_model(_model(None), path, bundles=False, parity="quick", precisions=("fp32",))
+        export_model(_model(None), path, bundles=False, parity="quick", precisions=("fp32",), genai="fp32")
         return _run_checked(a, path, image, expected)
 
 
@@ -410,6 +416,10 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--projector-impl", default="fast", choices=["fast", "faithful"],
                    help="projector graphs: fast (separable RoI MatMuls, keys absorbed; default) or faithful "
                         "(ONNX RoiAlign, the released order of operations)")
+    e.add_argument("--genai", default=None, choices=["fp32", "fp16", "int4", "none"],
+                   help="also the language half as an ONNX Runtime GenAI directory (genai/, docs/genai.md) at this "
+                        "precision: the runtime's default language path for the export. Default fp32 whenever "
+                        "the LLM is exported; none: only the export's own llm graph (hiwin's loop)")
     e.add_argument("--flavour", default="onnx", choices=["onnx", "tensorrt"],
                    help="onnx: standard ONNX (ONNX Runtime, TensorRT; default); tensorrt: the JBU layers as "
                         "HiwinJbuConv and RoiAlign as HiwinRoiAlign TensorRT plugin nodes (engines/plugins; parity on "

@@ -29,7 +29,7 @@ from typing import Callable
 log = logging.getLogger("hiwin_export.eval")
 
 BACKENDS = ("torch", "onnx", "genai")
-PRECISIONS = ("fp32", "fp16", "int8")
+PRECISIONS = ("fp32", "fp16", "int8", "int4")  # int4: a GenAI directory
 
 
 @dataclass(frozen=True)
@@ -49,7 +49,7 @@ def _export_precisions(path: Path) -> list[str]:
     from hiwin_runtime.manifest import ExportDir
 
     have = set(ExportDir(path, verify=False).graph_ids())
-    return [p for p in PRECISIONS if GraphId("vit", None, p) in have]
+    return [p for p in PRECISIONS if p != "int4" and GraphId("vit", None, p) in have]
 
 
 def targets(model: str | None, *, reference: str | None = None, genai: str | None = None,
@@ -74,10 +74,14 @@ def targets(model: str | None, *, reference: str | None = None, genai: str | Non
         out.append(torch_target(model))
     elif (path / "manifest.json").is_file():
         for p in _export_precisions(path):
-            out.append(Target("onnx", p, str(path), lambda p=p: Pipeline.from_export(path, precision=p)))
-        if genai:
-            out.append(Target("genai", "fp32", f"{path} + {genai}",
-                              lambda: Pipeline.from_export(path, language="genai", genai=genai)))
+            out.append(Target("onnx", p, str(path),
+                              lambda p=p: Pipeline.from_export(path, precision=p, language="onnxruntime")))
+        own = json.loads((path / "manifest.json").read_text()).get("language", {}).get("genai")
+        if genai or own:  # --genai DIR, else the export's own GenAI directory (hiwin-export export --genai)
+            src = Path(genai) if genai else path / own["dir"]
+            gp = json.loads((src / "hiwin_genai.json").read_text()).get("precision", "fp32")
+            out.append(Target("genai", gp, f"{path} + {src}",
+                              lambda: Pipeline.from_export(path, language="genai", genai=src)))
     else:
         raise FileNotFoundError(f"{model}: neither an export directory (manifest.json) nor an HF model "
                                 "directory (config.json)")

@@ -41,7 +41,7 @@ log = logging.getLogger("hiwin_export")
 def export_model(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
                  graphs: list[str] | None = None, bundles: bool = True, parity: str | None = "quick",
                  precisions: tuple[str, ...] = ("fp32", "fp16"), projector_impl: str = "fast",
-                 flavour: str = "onnx") -> dict:
+                 flavour: str = "onnx", genai: str | None = None) -> dict:
     """Export every (or the named) graph of ``model`` into ``out_dir``; returns the manifest.
 
     Vision graphs always; the ``embed`` and ``llm`` graphs, the tokenizer and the runtime facts
@@ -54,7 +54,9 @@ def export_model(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
     nodes (``HiwinJbuConv`` in the JBU graph, ``HiwinRoiAlign`` in the faithful projector graphs; fp16
     variants too, :mod:`.precision`), ``manifest["flavour"]`` and per graph ``manifest["graphs"][g]["plugins"]``;
     its parity runs on the reference executor (:class:`~hiwin_export.plugin_graphs.ReferenceRunner`) and its
-    bundles carry the TensorRT command only.
+    bundles carry the TensorRT command only. ``genai``: also the language half as an ONNX Runtime GenAI
+    directory at this precision (``fp32``, ``fp16``, ``int4``; docs/genai.md) in ``genai/``, recorded in
+    ``manifest["language"]["genai"]``: the runtime's default language path for this export.
     """
     if not set(precisions) <= {"fp32", "fp16"} or "fp32" not in precisions:
         raise ValueError(f"precisions must include fp32 and may add fp16, got {precisions}")
@@ -68,6 +70,13 @@ def export_model(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
     if unknown or not specs:
         raise ValueError(f"unknown graphs {unknown} (known: {[s.name for s in known]})" if unknown
                          else f"no graphs selected (known: {[s.name for s in known]})")
+    if genai is not None:
+        from .genai import PRECISIONS as GENAI_PRECISIONS
+
+        if genai not in GENAI_PRECISIONS:
+            raise ValueError(f"genai must be one of {', '.join(GENAI_PRECISIONS)}, got {genai!r}")
+        if not any(s.kind == "language" for s in specs):
+            raise ValueError("genai= needs the language graphs (a model with its LLM, no --graphs subset without llm)")
     manifest: dict = {}
 
     def write(tmp: Path) -> None:
@@ -89,6 +98,16 @@ def export_model(model, out_dir: str | os.PathLike, *, overwrite: bool = False,
                 model.processor.tokenizer.save_pretrained(str(tok_dir))
                 manifest["files"] = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tok_dir.rglob("*"))
                                      if p.is_file()}
+            if genai is not None:
+                from hiwin_runtime.genai import FACTS, GENAI_SUBDIR
+
+                from .genai import build_genai
+
+                log.info("building the ONNX Runtime GenAI directory (%s) ...", genai)
+                build_genai(tmp / GENAI_SUBDIR, model=model, precision=genai)
+                manifest["language"]["genai"] = {"dir": GENAI_SUBDIR, "precision": genai}
+                # the GenAI directory checks its own files against its facts; the export pins the facts
+                manifest.setdefault("files", {})[f"{GENAI_SUBDIR}/{FACTS}"] = sha256(tmp / GENAI_SUBDIR / FACTS)
         (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True))
         if bundles:
             from hiwin_model.synthetic import bundle_crops

@@ -244,8 +244,8 @@ class Harness:
 
         if "language" not in self.export.manifest:
             raise ParityError(f"{self.export.path}: token agreement needs the language graphs (a full export)")
-        ref = Pipeline.from_export(self.export.path, precision="fp32", verify=False)
-        test = Pipeline.from_export(self.export.path, precision=self.precision, verify=False)
+        ref = Pipeline.from_export(self.export.path, precision="fp32", verify=False, language="onnxruntime")
+        test = Pipeline.from_export(self.export.path, precision=self.precision, verify=False, language="onnxruntime")
         for img in images:
             kw = dict(max_new_tokens=max_new_tokens, max_slices=max_slices, ignore_eos=True)
             a, b = ref.generate(img, question, **kw).token_ids, test.generate(img, question, **kw).token_ids

@@ -2,8 +2,9 @@
 
   hiwin-run --model EXPORT_DIR --image FILE --prompt TEXT [--precision fp16] [--max-new-tokens N]
             [--engines ENGINE_DIR]      (vision on TensorRT engines, the LLM on ONNX Runtime)
-            [--language onnx|genai|trtllm --genai GENAI_DIR --trtllm TRTLLM_DIR]
-                                        (the LLM on ONNX Runtime GenAI / TensorRT-LLM)
+            [--language auto|onnx|genai|trtllm --genai GENAI_DIR --trtllm TRTLLM_DIR]
+                                        (the LLM on ONNX Runtime GenAI -- the default when the export
+                                        holds one --, hiwin's own ONNX loop, or TensorRT-LLM)
 
 The answer streams to stdout, the timings go to stderr. ``hiwin-export run`` is the same command
 with defaults that need the exporter (the embedded demo model, a held-out demo question).
@@ -35,10 +36,12 @@ def add_run_args(r: argparse.ArgumentParser, *, model_required: bool = True) -> 
     r.add_argument("--template", default=None, choices=["vicuna_v1", "plain"])
     r.add_argument("--engines", default=None,
                    help="TensorRT engine set of the export (hiwin-export engines): the vision path runs on it")
-    r.add_argument("--language", default="onnx", choices=["onnx", "genai", "trtllm"],
-                   help="where the LLM runs: onnx (the export's graphs, our loop), genai (ONNX Runtime GenAI, "
-                        "--genai DIR), trtllm (TensorRT-LLM, --trtllm DIR)")
-    r.add_argument("--genai", default=None, help="ONNX Runtime GenAI directory (hiwin-export genai)")
+    r.add_argument("--language", default="auto", choices=["auto", "onnx", "genai", "trtllm"],
+                   help="where the LLM runs: auto (default: genai when the export holds a GenAI directory or "
+                        "--genai is given, trtllm with --trtllm, else onnx), onnx (the export's llm graph, "
+                        "hiwin's own loop), genai (ONNX Runtime GenAI: the export's genai/ or --genai DIR), "
+                        "trtllm (TensorRT-LLM, --trtllm DIR)")
+    r.add_argument("--genai", default=None, help="ONNX Runtime GenAI directory (default: the export's own genai/)")
     r.add_argument("--trtllm", default=None, help="TensorRT-LLM checkpoint directory (hiwin-export trtllm)")
 
 
@@ -53,16 +56,20 @@ def run(a, path: str, image, on_answer=None) -> int:
     kw = {} if a.backend == "torch" else {"precision": a.precision}
     if getattr(a, "engines", None):
         kw["engines"] = a.engines
-    language = getattr(a, "language", "onnx")
-    if language != "onnx" or getattr(a, "genai", None) or getattr(a, "trtllm", None):
-        if a.backend == "torch":
-            raise ValueError("--language genai/trtllm runs on an export directory, not the PyTorch backend")
-        if language == "onnx":
-            raise ValueError("--genai / --trtllm need --language genai / trtllm")
-        want = {"genai": "genai", "trtllm": "trtllm"}[language]
-        if getattr(a, want) is None:
-            raise ValueError(f"--language {language} needs --{want} DIR")
-        kw.update(language=language, **{want: getattr(a, want)})
+    language = getattr(a, "language", "auto")
+    genai_dir, trtllm_dir = getattr(a, "genai", None), getattr(a, "trtllm", None)
+    if a.backend == "torch":
+        if language != "auto" or genai_dir or trtllm_dir:
+            raise ValueError("--language / --genai / --trtllm run on an export directory, not the PyTorch backend")
+    else:
+        if language == "onnx" and (genai_dir or trtllm_dir):
+            raise ValueError("--genai / --trtllm need --language genai / trtllm (or auto)")
+        if (language == "genai" and trtllm_dir) or (language == "trtllm" and genai_dir):
+            raise ValueError(f"--language {language} does not take --{'trtllm' if genai_dir is None else 'genai'}")
+        if language == "trtllm" and trtllm_dir is None:
+            raise ValueError("--language trtllm needs --trtllm DIR")
+        kw["language"] = "onnxruntime" if language == "onnx" else language
+        kw.update({k: v for k, v in (("genai", genai_dir), ("trtllm", trtllm_dir)) if v is not None})
     pipe = Pipeline.load(path, backend=a.backend, **kw)
     log.info("backend: %s", pipe.backend.name)
 

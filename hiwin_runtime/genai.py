@@ -33,6 +33,7 @@ from .manifest import LanguageDir
 from .pipeline import Backend
 
 FACTS = "hiwin_genai.json"
+GENAI_SUBDIR = "genai"  # where `hiwin-export export --genai` puts the directory inside an export
 PLACEHOLDER = -1  # the id of a visual position in GenAI's input_ids (Phi-3-vision's convention: -image_number)
 
 

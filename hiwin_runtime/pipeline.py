@@ -224,7 +224,7 @@ class Pipeline:
     def from_export(cls, path: str | os.PathLike, *, precision: str = "fp32", providers: list[str] | None = None,
                     threads: int | None = None, max_concurrency: int = 4, max_vision_batch: int = 8,
                     max_upsample_batch: int = 1, verify: bool = True, engines: str | os.PathLike | None = None,
-                    vision: str | None = None, language: str = "onnxruntime",
+                    vision: str | None = None, language: str = "auto",
                     genai: str | os.PathLike | None = None,
                     trtllm: str | os.PathLike | None = None, trtllm_kwargs: dict | None = None) -> "Pipeline":
         """ONNX Runtime on an export directory (``hiwin-export export``); files are sha256-checked.
@@ -234,7 +234,14 @@ class Pipeline:
         Its vision precision is the one the engines were built from.
 
         ``language="genai"``: the LLM runs on ONNX Runtime GenAI from ``genai``, a directory built by
-        ``hiwin-export genai`` (docs/genai.md; :class:`~hiwin_runtime.genai.GenAIBackend`).
+        ``hiwin-export genai`` (docs/genai.md; :class:`~hiwin_runtime.genai.GenAIBackend`), by default
+        the export's own ``genai/`` (``hiwin-export export --genai``).
+
+        ``language="onnxruntime"``: the export's ``llm`` graph with this runtime's own generation loop.
+
+        ``language="auto"`` (default): ``genai`` when ``genai`` is given or the export holds a GenAI
+        directory (its manifest says so), else ``onnxruntime``. An export with a GenAI directory on a
+        machine without ``onnxruntime-genai`` is refused with the way out, not run on the other loop.
 
         ``language="trtllm"``: the LLM runs on TensorRT-LLM's LLM API from ``trtllm``, a directory built
         by ``hiwin-export trtllm`` (docs/trtllm.md; :class:`~hiwin_runtime.trtllm.TrtLlmBackend`, which
@@ -251,10 +258,27 @@ class Pipeline:
             raise ValueError(f"vision must be onnxruntime or tensorrt, got {vision!r}")
         if vision == "tensorrt" and engines is None:
             raise ValueError("vision='tensorrt' needs engines= (an engine set from `hiwin-export engines`)")
-        if language not in ("onnxruntime", "genai", "trtllm"):
-            raise ValueError(f"language must be onnxruntime, genai or trtllm, got {language!r}")
+        if language not in ("auto", "onnxruntime", "genai", "trtllm"):
+            raise ValueError(f"language must be auto, onnxruntime, genai or trtllm, got {language!r}")
+        own_genai = export.manifest.get("language", {}).get("genai")
+        if language == "auto":
+            language = ("trtllm" if trtllm is not None else
+                        "genai" if genai is not None or own_genai else "onnxruntime")
+            if language == "genai" and genai is None:
+                from .genai import GenAIUnavailable, import_genai
+
+                try:
+                    import_genai()
+                except GenAIUnavailable as e:
+                    raise GenAIUnavailable(
+                        f"{path}: this export's language half runs on ONNX Runtime GenAI ({own_genai['dir']}/, "
+                        f"{own_genai['precision']}): pip install onnxruntime-genai, or pass "
+                        "language='onnxruntime' (hiwin-run --language onnx) for the export's llm graph") from e
         if language == "genai" and genai is None:
-            raise ValueError("language='genai' needs genai= (a directory from `hiwin-export genai`)")
+            if not own_genai:
+                raise ValueError("language='genai' needs genai= (a directory from `hiwin-export genai`) or an "
+                                 "export built with `hiwin-export export --genai`")
+            genai = path / own_genai["dir"]
         if language == "trtllm" and trtllm is None:
             raise ValueError("language='trtllm' needs trtllm= (a directory from `hiwin-export trtllm`)")
         stages = None

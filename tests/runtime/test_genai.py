@@ -316,3 +316,83 @@ def test_language_exports_refuse_model_and_llama_together(command, tmp_path, cap
     assert main([command, "--model", str(tmp_path / "m"), "--llama", str(tmp_path / "l"), "--out", str(out)]) == 2
     assert f"{command}: give --model or --llama, not both" in capsys.readouterr().err
     assert not out.exists()
+
+
+# --- the GenAI directory inside an export: the default language path --------------------------------
+
+@pytest.fixture(scope="module")
+def export_with_genai(og, tiny_dir, tmp_path_factory):
+    """`hiwin-export export` with its defaults but no bundles / parity: the GenAI directory is built."""
+    from hiwin_export.cli import main
+
+    out = tmp_path_factory.mktemp("export-genai") / "tiny-onnx"
+    assert main(["export", "--model", str(tiny_dir), "--out", str(out), "--no-bundles", "--parity", "none",
+                 "--no-fp16"]) == 0
+    return out
+
+
+def test_export_holds_its_genai_directory_and_runs_it_by_default(export_with_genai, ort_pipe):
+    mf = json.loads((export_with_genai / "manifest.json").read_text())
+    assert mf["language"]["genai"] == {"dir": "genai", "precision": "fp32"}
+    assert "genai/hiwin_genai.json" in mf["files"]
+    default = Pipeline.from_export(export_with_genai)
+    own_loop = Pipeline.from_export(export_with_genai, language="onnxruntime")
+    assert default.backend.name.startswith("onnxruntime-genai") and own_loop.backend.name == ort_pipe.backend.name
+    img = random_image(800, 800, seed=11)
+    a = default.generate(img, "What is in the image?", max_new_tokens=10, ignore_eos=True)
+    b = own_loop.generate(img, "What is in the image?", max_new_tokens=10, ignore_eos=True)
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 10
+
+
+def test_export_genai_directory_is_pinned_by_the_manifest(export_with_genai, tmp_path):
+    import shutil
+
+    from hiwin_runtime.manifest import ExportError
+
+    bad = tmp_path / "copy"
+    shutil.copytree(export_with_genai, bad)
+    facts = bad / "genai" / "hiwin_genai.json"
+    facts.write_text(facts.read_text().replace('"fp32"', '"int4"'))
+    with pytest.raises(ExportError, match="hiwin_genai.json"):
+        Pipeline.from_export(bad)
+
+
+def test_export_genai_refusals(tiny_model, tmp_path):
+    from hiwin_export.export import export_model
+
+    with pytest.raises(ValueError, match="genai must be one of"):
+        export_model(tiny_model, tmp_path / "a", genai="int8")
+    with pytest.raises(ValueError, match="needs the language graphs"):
+        export_model(tiny_model, tmp_path / "b", graphs=["vit"], genai="fp32")
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_default_language_without_genai_installed_is_refused_with_the_way_out(export_with_genai, monkeypatch):
+    import hiwin_runtime.genai as g
+
+    def missing():
+        raise g.GenAIUnavailable("onnxruntime-genai is not installed")
+
+    monkeypatch.setattr(g, "import_genai", missing)
+    with pytest.raises(g.GenAIUnavailable, match=r"pass language='onnxruntime'"):
+        Pipeline.from_export(export_with_genai)
+    assert Pipeline.from_export(export_with_genai, language="onnxruntime").backend.name != "onnxruntime-genai"
+
+
+def test_hiwin_run_default_and_onnx_language_on_an_export_with_genai(export_with_genai, tmp_path, capsys):
+    from hiwin_runtime.cli import main
+
+    img = tmp_path / "page.png"
+    random_image(500, 300, seed=4).save(img)
+    base = ["--model", str(export_with_genai), "--image", str(img), "--max-new-tokens", "4"]
+    assert main(base) == 0
+    assert "onnxruntime-genai" in capsys.readouterr().err
+    assert main(base + ["--language", "onnx"]) == 0
+    assert "onnxruntime-genai" not in capsys.readouterr().err
+
+
+def test_eval_scores_the_exports_own_genai_directory(export_with_genai):
+    from hiwin_export.evaluate import targets
+
+    ts = targets(str(export_with_genai))
+    assert [(t.backend, t.precision) for t in ts] == [("onnx", "fp32"), ("genai", "fp32")]

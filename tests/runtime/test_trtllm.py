@@ -319,8 +319,9 @@ def test_hiwin_run_language_flags(fake_trtllm, light_export, trtllm_fp16, tmp_pa
     err = capsys.readouterr().err
     assert "[tensorrt-llm 0.0-fake (fp16" in err and "new tokens" in err
     for extra, match in ((["--language", "trtllm"], "--language trtllm needs --trtllm DIR"),
-                         (["--language", "genai"], "--language genai needs --genai DIR"),
-                         (["--genai", str(tmp_path)], "need --language genai / trtllm")):
+                         (["--language", "genai"], "needs genai="),  # and the export holds no genai/
+                         (["--language", "onnx", "--genai", str(tmp_path)], "need --language genai / trtllm"),
+                         (["--language", "genai", "--trtllm", str(tmp_path)], "--language genai does not take --trtllm")):
         assert main(base + extra) == 2
         assert match in capsys.readouterr().err
 
