@@ -73,6 +73,7 @@ def test_golden_bit_exact(release, data):
     assert len(cases) >= 200 and counts["decoded"] >= 200
     res = _run([release / "hiwin_runtime_tests", "golden", root / "golden" / "golden.txt", root / "golden"])
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert re.search(r"^KERNELS (avx512|avx2|generic)$", res.stdout, re.M)
     got = _passed(res.stdout)
     assert got["decoded"] == counts["decoded"]  # every decoded RGB byte equal to Pillow's
     assert got["crops"] == counts["crops"]  # every crop's RGB bytes and float32 tensor bits
@@ -83,6 +84,32 @@ def test_golden_bit_exact(release, data):
     assert got["size plans"] == counts["sizes"] == 10_000
     assert got["layouts"] > 0 and got["prompt tables"] == 60 and got["buckets"] == 1600
     assert "FAILURES 0" in res.stdout
+
+
+def _x86_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    m = re.search(r"^flags\s*:(.*)$", text, re.M)
+    return set(m.group(1).split()) if m else set()
+
+
+@pytest.mark.parametrize("kernels,threads", [("avx2", 3), ("generic", 1)])
+def test_golden_bit_exact_other_kernels(release, data, kernels, threads):
+    """The same golden data through the other resampling kernels (test_golden_bit_exact uses the best
+    the CPU has) and other thread counts: 3 threads (more than this machine's cores: any split of the
+    work gives the same bytes) and the calling thread only (no decoding overlapped with resizing)."""
+    if kernels == "avx2" and "avx2" not in _x86_flags():
+        pytest.skip("needs an x86-64 CPU with AVX2 (the AVX2 kernels)")
+    root, _, counts = data
+    env = {**os.environ, "HIWIN_SIMD": kernels, "HIWIN_NUM_THREADS": str(threads)}
+    res = _run([release / "hiwin_runtime_tests", "golden", root / "golden" / "golden.txt", root / "golden"], env=env)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert f"KERNELS {kernels}\n" in res.stdout
+    got = _passed(res.stdout)
+    assert got["decoded"] == counts["decoded"] and got["crops"] == counts["crops"]
+    assert got["one-call prepares"] == counts["images"] and "FAILURES 0" in res.stdout
 
 
 def test_c99_header(release, tmp_path):
@@ -178,13 +205,19 @@ def test_sanitizers_bad_inputs(data, tmp_path):
     lst = runtime_golden.write_robustness(tmp_path / "robust", good)
     env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=23",
            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1:exitcode=24"}
-    res = _run([build / "hiwin_runtime_tests", "robust", lst], env=env)
-    out = res.stdout + res.stderr
-    assert res.returncode == 0, out[-6000:]
-    assert "AddressSanitizer" not in out and "runtime error" not in out and "LeakSanitizer" not in out
-    got = _passed(res.stdout)
-    assert got["bad files"] >= 25 and got["random sizes"] >= 300 and got["api misuse"] >= 16
-    assert "FAILURES 0" in res.stdout
+    # the kernels this CPU picks with 2 threads (JPEG rows handed between threads), then the portable
+    # kernels with 3
+    for kernels, threads in ((None, 2), ("generic", 3)):
+        run_env = {**env, "HIWIN_NUM_THREADS": str(threads)}
+        if kernels:
+            run_env["HIWIN_SIMD"] = kernels
+        res = _run([build / "hiwin_runtime_tests", "robust", lst], env=run_env)
+        out = res.stdout + res.stderr
+        assert res.returncode == 0, out[-6000:]
+        assert "AddressSanitizer" not in out and "runtime error" not in out and "LeakSanitizer" not in out
+        got = _passed(res.stdout)
+        assert got["bad files"] >= 25 and got["random sizes"] >= 300 and got["api misuse"] >= 16
+        assert "FAILURES 0" in res.stdout
 
 
 @pytest.mark.parametrize("trt", _trt_dirs or [pytest.param(None, id="no-tensorrt-headers")])

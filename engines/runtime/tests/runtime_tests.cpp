@@ -122,6 +122,7 @@ void set_fake_backend(hiwin::Context& ctx) {
 }
 
 int run_golden(const std::string& golden, const std::string& manifest_dir) {
+  std::printf("KERNELS %s\n", hiwin_simd_level());  // $HIWIN_SIMD / $HIWIN_NUM_THREADS pick kernels and threads
   std::ifstream f(golden);
   if (!f) {
     std::printf("cannot open %s\n", golden.c_str());
