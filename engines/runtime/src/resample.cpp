@@ -19,7 +19,7 @@
 
 #include "internal.h"
 
-#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__)) && !defined(HIWIN_PORTABLE_ONLY)
 #define HIWIN_X86_SIMD 1
 #include <immintrin.h>
 #endif
@@ -118,23 +118,66 @@ inline void store_batch(const uint8_t* v, uint8_t* const* out, int xx) {
     if (out[r]) std::memcpy(out[r] + 3 * static_cast<size_t>(xx), v + 3 * r, 3);
 }
 
+// The portable kernels take the columns widened to int32 (build_q32: 64 bytes per column, after
+// which the byte columns are kept), so the inner loop is a plain 16-lane int32 multiply-add that
+// compilers map to NEON / SSE4.1 vectors.
+void build_q32(const uint8_t* const* rows, int w, uint8_t* q) {
+  const size_t n = 16 * static_cast<size_t>(w);
+  uint8_t* b = q + 4 * n;
+  build_q(rows, w, b);
+  int32_t* d = reinterpret_cast<int32_t*>(q);
+  for (size_t i = 0; i < n; ++i) d[i] = b[i];
+}
+
+#if defined(__GNUC__)
+typedef int32_t v4i32 __attribute__((vector_size(16)));
+
 void h_generic(const uint8_t* q, uint8_t* const* out, const int* bounds, const int32_t* kk, int ksize, int out_w) {
+  const int32_t* q32 = reinterpret_cast<const int32_t*>(q);
   for (int xx = 0; xx < out_w; ++xx) {
     const int xmin = bounds[2 * xx], n = bounds[2 * xx + 1];
     const int32_t* k = kk + static_cast<size_t>(xx) * ksize;
-    const uint8_t* p = q + 16 * static_cast<size_t>(xmin);
-    int32_t a[16];
-    for (int i = 0; i < 16; ++i) a[i] = kBias;
-    for (int t = 0; t < n; ++t) {
-      const int32_t kt = k[t];
-      const uint8_t* s = p + 16 * t;
-      for (int i = 0; i < 16; ++i) a[i] += s[i] * kt;
+    const int32_t* p = q32 + 16 * static_cast<size_t>(xmin);
+    v4i32 a0 = {kBias, kBias, kBias, kBias}, a1 = a0, a2 = a0, a3 = a0;
+    for (int t = 0; t < n; ++t, p += 16) {
+      const v4i32 kt = {k[t], k[t], k[t], k[t]};
+      v4i32 s0, s1, s2, s3;
+      std::memcpy(&s0, p, 16);
+      std::memcpy(&s1, p + 4, 16);
+      std::memcpy(&s2, p + 8, 16);
+      std::memcpy(&s3, p + 12, 16);
+      a0 += s0 * kt;
+      a1 += s1 * kt;
+      a2 += s2 * kt;
+      a3 += s3 * kt;
     }
+    int32_t a[16];
+    std::memcpy(a, &a0, 16);
+    std::memcpy(a + 4, &a1, 16);
+    std::memcpy(a + 8, &a2, 16);
+    std::memcpy(a + 12, &a3, 16);
     uint8_t v[16];
     for (int i = 0; i < 16; ++i) v[i] = clip8(a[i]);
     store_batch(v, out, xx);
   }
 }
+#else
+void h_generic(const uint8_t* q, uint8_t* const* out, const int* bounds, const int32_t* kk, int ksize, int out_w) {
+  const int32_t* q32 = reinterpret_cast<const int32_t*>(q);
+  for (int xx = 0; xx < out_w; ++xx) {
+    const int xmin = bounds[2 * xx], n = bounds[2 * xx + 1];
+    const int32_t* k = kk + static_cast<size_t>(xx) * ksize;
+    const int32_t* p = q32 + 16 * static_cast<size_t>(xmin);
+    int32_t a[16];
+    for (int i = 0; i < 16; ++i) a[i] = kBias;
+    for (int t = 0; t < n; ++t, p += 16)
+      for (int i = 0; i < 16; ++i) a[i] += p[i] * k[t];
+    uint8_t v[16];
+    for (int i = 0; i < 16; ++i) v[i] = clip8(a[i]);
+    store_batch(v, out, xx);
+  }
+}
+#endif
 
 void v_generic(const uint8_t* src, size_t stride, int n, const int32_t* k, uint8_t* dst, size_t len, int32_t* acc) {
   for (size_t i = 0; i < len; ++i) acc[i] = kBias;
@@ -146,6 +189,11 @@ void v_generic(const uint8_t* src, size_t stride, int n, const int32_t* k, uint8
   for (size_t i = 0; i < len; ++i) dst[i] = clip8(acc[i]);
 }
 
+#ifdef HIWIN_X86_SIMD
+// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm512_undefined_* helpers
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 // the last len % block bytes of a vertical row
 void v_tail(const uint8_t* src, size_t stride, int n, const int32_t* k, uint8_t* dst, size_t from, size_t len) {
   for (size_t i = from; i < len; ++i) {
@@ -155,11 +203,6 @@ void v_tail(const uint8_t* src, size_t stride, int n, const int32_t* k, uint8_t*
   }
 }
 
-#ifdef HIWIN_X86_SIMD
-// GCC 12's AVX-512 headers trip -Wmaybe-uninitialized on their own _mm512_undefined_* helpers
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
 __attribute__((target("avx2"))) void h_avx2(const uint8_t* q, uint8_t* const* out, const int* bounds,
                                              const int32_t* kk, int ksize, int out_w) {
   const __m256i bias = _mm256_set1_epi32(kBias);
@@ -259,14 +302,18 @@ __attribute__((target("avx512f,avx512bw"))) void v_avx512(const uint8_t* src, si
 #pragma GCC diagnostic pop
 #endif
 
+using QBuilder = void (*)(const uint8_t* const* rows, int w, uint8_t* q);
+
 struct Kernels {
   const char* name;
+  QBuilder q;     // the columns' layout this h kernel reads
+  size_t q_bytes;  // per source pixel
   HKernel h;
   VKernel v;
 };
 
 Kernels pick_kernels() {
-  Kernels g{"generic", h_generic, v_generic};
+  Kernels g{"generic", build_q32, 80, h_generic, v_generic};
 #ifdef HIWIN_X86_SIMD
   const char* env = std::getenv("HIWIN_SIMD");
   const std::string want = env ? env : "";
@@ -274,8 +321,8 @@ Kernels pick_kernels() {
   __builtin_cpu_init();
   const bool avx2 = __builtin_cpu_supports("avx2");
   const bool avx512 = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
-  if (avx512 && want != "avx2") return {"avx512", h_avx512, v_avx512};
-  if (avx2) return {"avx2", h_avx2, v_avx2};
+  if (avx512 && want != "avx2") return {"avx512", build_q, 16, h_avx512, v_avx512};
+  if (avx2) return {"avx2", build_q, 16, h_avx2, v_avx2};
 #endif
   return g;
 }
@@ -327,7 +374,7 @@ struct Resizer::Impl {
   int in_w = 0, in_h = 0;
   std::vector<One> ones;
   std::vector<int> hsrc;                // the resizes that start with a horizontal pass over the source
-  std::vector<Bytes> q;                 // per slot: 16 * max source width
+  std::vector<Bytes> q;                 // per slot: the kernels' columns of a batch
   std::vector<std::vector<int32_t>> acc;  // per slot: the widest vertical row (portable kernel)
   size_t widest = 0;
 
@@ -356,7 +403,7 @@ struct Resizer::Impl {
       }
       if (!any) continue;
       if (!built) {
-        build_q(r5, w, q[static_cast<size_t>(slot)].data());
+        kernels().q(r5, w, q[static_cast<size_t>(slot)].data());
         built = true;
       }
       kernels().h(q[static_cast<size_t>(slot)].data(), dst, o.ch.bounds.data(), o.ch.k.data(), o.ch.ksize, o.out_w);
@@ -419,7 +466,7 @@ int Resizer::num_batches() const { return (m_->in_h + kB - 1) / kB; }
 
 void Resizer::prepare_threads(int threads) {
   const size_t n = static_cast<size_t>(threads < 1 ? 1 : threads);
-  while (m_->q.size() < n) m_->q.emplace_back(static_cast<size_t>(m_->in_w) * 16);
+  while (m_->q.size() < n) m_->q.emplace_back(static_cast<size_t>(m_->in_w) * kernels().q_bytes);
   if (std::strcmp(kernels().name, "generic") == 0)
     while (m_->acc.size() < n) m_->acc.emplace_back(m_->widest);
   while (m_->acc.size() < n) m_->acc.emplace_back();
