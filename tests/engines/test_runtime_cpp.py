@@ -158,6 +158,25 @@ def test_hiwin_encode_matches_reference(release, tmp_path):
     assert r.returncode == 1 and "manifest.json: not found" in r.stderr, r.stderr
 
 
+def test_bench_command_runs(release, tmp_path, capsys):
+    """`python3 -m hiwin_export.runtime_lib bench` end to end on a small JPEG (it prints timings; no
+    timing is asserted here), and hiwin-encode's --threads reaching the options check."""
+    from PIL import Image
+
+    img = tmp_path / "small.jpg"
+    Image.fromarray(runtime_golden._texture(640, 480, np.random.default_rng(5))).save(img, quality=90)
+    assert runtime_lib.main(["bench", str(img), "--repeats", "1", "--threads", "2", "--json", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "2 threads" in out and "total, c++ one call (hiwin_prepare_memory)" in out
+    import json
+
+    r = json.loads((tmp_path / "b.json").read_text())
+    assert r["size"] == [640, 480] and r["cpp"]["threads"] == 2 and r["simd"] in ("avx512", "avx2", "generic")
+    assert all(r["cpp"][k] > 0 for k in ("decode_s", "prepare_s", "one_call_s", "one_call_1t_s"))
+    res = _run([release / "hiwin-encode", img, "--threads", "-1"])
+    assert res.returncode == 1 and "num_threads must be >= 0" in res.stderr
+
+
 def test_manifest_rule_is_read(release, tmp_path):
     """The bucket rule and slicing settings come from manifest.json; unknown rules are refused."""
     import json
