@@ -1,7 +1,8 @@
 """Builds of the C/C++ runtime (``engines/runtime``) for tests and benchmarks.
 
 ``build("release")`` configures and builds ``libhiwin_runtime``, ``hiwin-encode`` and the test programs
-with CMake; ``build("sanitize")`` the same with AddressSanitizer + UndefinedBehaviorSanitizer. Builds
+with CMake; ``build("sanitize")`` the test driver with AddressSanitizer + UndefinedBehaviorSanitizer,
+``build("tsan")`` with ThreadSanitizer. Builds
 are cached under ``$HIWIN_CACHE_DIR/runtime/<flavour>-<hash>/`` (default ``~/.cache/hiwin``), keyed by
 a hash of the sources; each is built in a temporary folder and renamed into place, so concurrent
 processes never see a half-built tree. Same recipe as :mod:`hiwin_export.plugin_lib`.
@@ -33,9 +34,11 @@ FLAVOURS = {
     # -O1 keeps the sanitizer build short; only the library and the test driver are built
     "sanitize": ["-DCMAKE_BUILD_TYPE=Debug", "-DHIWIN_SANITIZE=ON", "-DCMAKE_CXX_FLAGS_DEBUG=-O1 -g",
                  "-DCMAKE_C_FLAGS_DEBUG=-O1 -g"],
+    "tsan": ["-DCMAKE_BUILD_TYPE=Debug", "-DHIWIN_TSAN=ON", "-DCMAKE_CXX_FLAGS_DEBUG=-O1 -g",
+             "-DCMAKE_C_FLAGS_DEBUG=-O1 -g"],
 }
 TARGETS = {"release": ["hiwin_runtime", "hiwin-encode", "hiwin_runtime_tests", "hiwin_c99_check"],
-           "sanitize": ["hiwin_runtime_tests"]}
+           "sanitize": ["hiwin_runtime_tests"], "tsan": ["hiwin_runtime_tests"]}
 
 
 class RuntimeBuildError(PluginBuildError):
@@ -62,7 +65,8 @@ def source_hash(src: Path | None = None, flavour: str = "release") -> str:
 
 def build(flavour: str = "release", *, force: bool = False, extra_args: list[str] | None = None) -> Path:
     """Folder holding the built programs of ``flavour`` (``libhiwin_runtime.so``, ``hiwin-encode``,
-    ``hiwin_runtime_tests``, ``hiwin_c99_check``), building them first when needed."""
+    ``hiwin_runtime_tests``, ``hiwin_c99_check``; the sanitizer flavours ``sanitize`` (ASan + UBSan) and
+    ``tsan`` (ThreadSanitizer) only the test driver), building them first when needed."""
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour must be one of {sorted(FLAVOURS)}, got {flavour!r}")
     src = runtime_source_dir()

@@ -8,7 +8,9 @@ crop, normalised tensor (hashes of the exact bytes), bucket, shape group, layout
 and hiwin_encode_image's crop chain (through test-double stages set with hiwin_vision_backend) must
 give CropChain's visual tokens.
 A second, ASan + UBSan build feeds bad files, a few hundred random sizes and API misuse and must
-get a status with a message every time, with no sanitizer report and no leak.
+get a status with a message every time, with no sanitizer report and no leak. Every resampling
+kernel (AVX-512, AVX2, portable) and thread count gives the same bytes; a ThreadSanitizer build
+checks the threaded paths for data races.
 """
 
 from __future__ import annotations
@@ -237,6 +239,53 @@ def test_sanitizers_bad_inputs(data, tmp_path):
         got = _passed(res.stdout)
         assert got["bad files"] >= 25 and got["random sizes"] >= 300 and got["api misuse"] >= 16
         assert "FAILURES 0" in res.stdout
+
+
+def _thread_images(cases, largest: int = 6) -> list[Path]:
+    """JPEGs (the one-call path resizes their rows while decoding), the `largest` biggest and grey,
+    CMYK, EXIF-rotated, tall, wide and refused ones, and two PNGs (decoded first)."""
+    paths = [Path(p) for p, _, _ in cases]
+    jpegs = sorted((p for p in paths if p.suffix == ".jpg"), key=lambda p: -p.stat().st_size)
+    pngs = sorted((p for p in paths if p.suffix == ".png"), key=lambda p: -p.stat().st_size)
+    special = ("cmyk_0", "grey_0", "exif_5", "exif_6", "doc_3_", "doc_4_", "rand_7_")  # rand_7: refused
+    if not largest:  # small ones only (ThreadSanitizer is slow)
+        special = ("cmyk_0", "grey_0", "exif_6", "jpeg_q75_s0_p0", "rand_7_")
+    picked = jpegs[:largest] + [p for p in jpegs if any(p.name.startswith(k) for k in special)]
+    return list(dict.fromkeys(picked + (pngs[:2] if largest else pngs[-1:])))
+
+
+def test_threads_bit_identical(release, data):
+    """hiwin_prepare_file with 2, 3, 5 and 8 threads, two calls at once on one context, and decode +
+    prepare: the same bytes as one thread."""
+    _, cases, _ = data
+    imgs = _thread_images(cases)
+    assert len(imgs) >= 8
+    res = _run([release / "hiwin_runtime_tests", "threads", *imgs])
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert _passed(res.stdout)["thread runs"] == len(imgs) * 4 * 3 and "FAILURES 0" in res.stdout
+
+
+@pytest.mark.slow
+def test_thread_sanitizer(data, tmp_path):
+    """The same under ThreadSanitizer: no data race in the row ring, the work split or the kernels."""
+    why = _tools_missing()
+    if why:
+        pytest.skip(why)
+    probe = tmp_path / "p.cpp"
+    probe.write_text("#include <thread>\nint main() { std::thread t([] {}); t.join(); return 0; }\n")
+    cxx = shutil.which(os.environ.get("CXX", "")) if os.environ.get("CXX") else (shutil.which("g++") or shutil.which("c++"))
+    r = _run([cxx, "-fsanitize=thread", probe, "-o", tmp_path / "p"])
+    if r.returncode != 0 or _run([tmp_path / "p"]).returncode != 0:
+        pytest.skip("the C++ compiler cannot build and run ThreadSanitizer programs here (libtsan missing)")
+    build = runtime_lib.build("tsan")
+    _, cases, _ = data
+    imgs = _thread_images(cases, largest=0)
+    assert len(imgs) >= 5
+    env = {**os.environ, "TSAN_OPTIONS": "halt_on_error=1:exitcode=25"}
+    res = _run([build / "hiwin_runtime_tests", "threads", *imgs], env=env)
+    out = res.stdout + res.stderr
+    assert res.returncode == 0, out[-6000:]
+    assert "ThreadSanitizer" not in out and "FAILURES 0" in res.stdout
 
 
 @pytest.mark.parametrize("trt", _trt_dirs or [pytest.param(None, id="no-tensorrt-headers")])
