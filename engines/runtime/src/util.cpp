@@ -1,7 +1,9 @@
 // Buffers and worker threads of one call.
 #include <atomic>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <exception>
 #include <mutex>
 #include <string>
@@ -25,16 +27,33 @@ constexpr size_t kHuge = size_t(2) << 20;
 #define HIWIN_BIG_MMAP 1
 #endif
 
-// From 1 MiB on (Linux): a mapping of its own, 2 MiB-aligned, with transparent huge pages requested
-// (a hint: where they are off, nothing changes), unmapped on release. Its cost is predictable (the
-// kernel clears 2 MiB pages on first touch) where the heap would return and re-fault 4 KiB pages.
-// Sanitizer builds use malloc, so that LeakSanitizer sees every block.
+// From 1 MiB on (Linux, when transparent huge pages are enabled): a mapping of its own, 2 MiB-aligned,
+// with huge pages requested, unmapped on release. Its cost is predictable (the kernel clears 2 MiB
+// pages on first touch) where the heap would return and re-fault 4 KiB pages. Sanitizer builds use
+// malloc, so that LeakSanitizer sees every block.
 constexpr size_t kBigMin = size_t(1) << 20;
+
+#ifdef HIWIN_BIG_MMAP
+// Transparent huge pages can be had ("always" or "madvise"); without them malloc's reuse of freed
+// memory beats fresh mappings.
+bool huge_pages_available() {
+  static const bool yes = [] {
+    char buf[128] = {0};
+    FILE* f = std::fopen("/sys/kernel/mm/transparent_hugepage/enabled", "r");
+    if (!f) return false;
+    const size_t n = std::fread(buf, 1, sizeof buf - 1, f);
+    std::fclose(f);
+    buf[n] = 0;
+    return std::strstr(buf, "[always]") != nullptr || std::strstr(buf, "[madvise]") != nullptr;
+  }();
+  return yes;
+}
+#endif
 
 void* big_alloc(size_t bytes) {
   if (bytes == 0) bytes = 1;
 #ifdef HIWIN_BIG_MMAP
-  if (bytes >= kBigMin) {
+  if (bytes >= kBigMin && huge_pages_available()) {
     const size_t len = (bytes + kHuge - 1) / kHuge * kHuge;
     if (len < bytes || len + kHuge < len) throw std::bad_alloc();
     void* m = mmap(nullptr, len + kHuge, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
@@ -58,7 +77,7 @@ void big_free(void* p, size_t bytes) noexcept {
   if (!p) return;
 #ifdef HIWIN_BIG_MMAP
   if (bytes == 0) bytes = 1;
-  if (bytes >= kBigMin) {
+  if (bytes >= kBigMin && huge_pages_available()) {
     munmap(p, (bytes + kHuge - 1) / kHuge * kHuge);
     return;
   }
