@@ -1,7 +1,8 @@
 """Builds of the C/C++ runtime (``engines/runtime``) for tests and benchmarks.
 
 ``build("release")`` configures and builds ``libhiwin_runtime``, ``hiwin-encode`` and the test programs
-with CMake; ``build("sanitize")`` the same with AddressSanitizer + UndefinedBehaviorSanitizer. Builds
+with CMake; ``build("sanitize")`` the test driver with AddressSanitizer + UndefinedBehaviorSanitizer,
+``build("tsan")`` with ThreadSanitizer. Builds
 are cached under ``$HIWIN_CACHE_DIR/runtime/<flavour>-<hash>/`` (default ``~/.cache/hiwin``), keyed by
 a hash of the sources; each is built in a temporary folder and renamed into place, so concurrent
 processes never see a half-built tree. Same recipe as :mod:`hiwin_export.plugin_lib`.
@@ -33,9 +34,11 @@ FLAVOURS = {
     # -O1 keeps the sanitizer build short; only the library and the test driver are built
     "sanitize": ["-DCMAKE_BUILD_TYPE=Debug", "-DHIWIN_SANITIZE=ON", "-DCMAKE_CXX_FLAGS_DEBUG=-O1 -g",
                  "-DCMAKE_C_FLAGS_DEBUG=-O1 -g"],
+    "tsan": ["-DCMAKE_BUILD_TYPE=Debug", "-DHIWIN_TSAN=ON", "-DCMAKE_CXX_FLAGS_DEBUG=-O1 -g",
+             "-DCMAKE_C_FLAGS_DEBUG=-O1 -g"],
 }
 TARGETS = {"release": ["hiwin_runtime", "hiwin-encode", "hiwin_runtime_tests", "hiwin_c99_check"],
-           "sanitize": ["hiwin_runtime_tests"]}
+           "sanitize": ["hiwin_runtime_tests"], "tsan": ["hiwin_runtime_tests"]}
 
 
 class RuntimeBuildError(PluginBuildError):
@@ -62,7 +65,8 @@ def source_hash(src: Path | None = None, flavour: str = "release") -> str:
 
 def build(flavour: str = "release", *, force: bool = False, extra_args: list[str] | None = None) -> Path:
     """Folder holding the built programs of ``flavour`` (``libhiwin_runtime.so``, ``hiwin-encode``,
-    ``hiwin_runtime_tests``, ``hiwin_c99_check``), building them first when needed."""
+    ``hiwin_runtime_tests``, ``hiwin_c99_check``; the sanitizer flavours ``sanitize`` (ASan + UBSan) and
+    ``tsan`` (ThreadSanitizer) only the test driver), building them first when needed."""
     if flavour not in FLAVOURS:
         raise ValueError(f"flavour must be one of {sorted(FLAVOURS)}, got {flavour!r}")
     src = runtime_source_dir()
@@ -106,10 +110,19 @@ def build(flavour: str = "release", *, force: bool = False, extra_args: list[str
 
 
 # ------------------------------------------------------------------------------------ benchmark
-def bench(image: str, repeats: int = 5, max_slices: int | None = None) -> dict:
-    """Decode + preprocessing of one image: the Python reference (HiwinProcessor's image half) vs
-    ``hiwin-encode --bench`` (best of ``repeats`` each): C++ decode then prepare on one thread, and
-    the one-call ``hiwin_prepare_memory`` (JPEG decoding overlapped with the resizes on a second thread)."""
+def _usable_cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+def bench(image: str, repeats: int = 5, max_slices: int | None = None, threads: int = 0) -> dict:
+    """Decode + preprocessing of one image: the Python reference (HiwinProcessor's image half, one
+    thread) vs ``hiwin-encode --bench`` (best of ``repeats`` each): C++ decode then prepare, the
+    one-call ``hiwin_prepare_memory`` (JPEG rows resized on other threads while it decodes), and the
+    one call on the calling thread only. ``threads`` is hiwin_options.num_threads (0: every usable CPU)."""
+    import io
     import subprocess
 
     from PIL import Image
@@ -121,8 +134,6 @@ def bench(image: str, repeats: int = 5, max_slices: int | None = None) -> dict:
     data = Path(image).read_bytes()
     size = Image.open(image).size
     py = {"decode_s": float("inf"), "prepare_s": float("inf")}
-    import io
-
     for _ in range(repeats):
         t0 = time.perf_counter()
         img = load_image(io.BytesIO(data))
@@ -133,14 +144,19 @@ def bench(image: str, repeats: int = 5, max_slices: int | None = None) -> dict:
         py["decode_s"] = min(py["decode_s"], t1 - t0)
         py["prepare_s"] = min(py["prepare_s"], t2 - t1)
     py["total_s"] = py["decode_s"] + py["prepare_s"]
-    cmd = [str(exe), image, "--bench", str(repeats)] + (["--max-slices", str(max_slices)] if max_slices else [])
+    cmd = [str(exe), image, "--bench", str(repeats), "--threads", str(threads)]
+    cmd += ["--max-slices", str(max_slices)] if max_slices else []
     res = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
     if res.returncode:
         raise RuntimeError(f"hiwin-encode --bench failed: {res.stderr.strip()}")
     cpp = json.loads(res.stdout.strip().splitlines()[-1])
+    env_threads = os.environ.get("HIWIN_NUM_THREADS", "")
+    used = threads or (int(env_threads) if env_threads.isdigit() and int(env_threads) > 0 else _usable_cpus())
     return {"image": str(image), "size": list(size), "repeats": repeats, "python": py, "cpp": cpp,
-            "cpu_count": os.cpu_count(), "speedup_total": py["total_s"] / cpp["total_s"],
-            "speedup_one_call": py["total_s"] / cpp["one_call_s"], "speedup_prepare": py["prepare_s"] / cpp["prepare_s"]}
+            "cpu_count": os.cpu_count(), "cpp_threads": min(used, 64), "simd": cpp.get("simd"),
+            "speedup_total": py["total_s"] / cpp["total_s"], "speedup_one_call": py["total_s"] / cpp["one_call_s"],
+            "speedup_one_call_1t": py["total_s"] / cpp["one_call_1t_s"],
+            "speedup_prepare": py["prepare_s"] / cpp["prepare_s"]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,21 +170,27 @@ def main(argv: list[str] | None = None) -> int:
     be.add_argument("image")
     be.add_argument("--repeats", type=int, default=5)
     be.add_argument("--max-slices", type=int, default=None)
+    be.add_argument("--threads", type=int, default=0,
+                    help="C++ threads per call (hiwin_options.num_threads; default 0: every usable CPU)")
     be.add_argument("--json", help="also write the result here")
     a = ap.parse_args(argv)
     if a.cmd == "build":
         print(build(a.flavour, force=a.force))
         return 0
-    r = bench(a.image, a.repeats, a.max_slices)
+    r = bench(a.image, a.repeats, a.max_slices, a.threads)
     w, h = r["size"]
+    n = r["cpp_threads"]
     print(f"decode + preprocessing of {Path(a.image).name} ({w}x{h}), best of {a.repeats} (python: Pillow + numpy, "
-          f"one thread; c++: hiwin_runtime; {r['cpu_count']} CPUs)")
-    print(f"{'stage':<42}{'python s':>10}{'c++ s':>10}{'speed-up':>10}")
-    rows = [("decode", "decode_s", "decode_s"), ("preprocess (plan, resizes, crops, norm)", "prepare_s", "prepare_s"),
-            ("total, c++ two steps, one thread", "total_s", "total_s"),
-            ("total, c++ hiwin_prepare_memory", "total_s", "one_call_s")]
+          f"one thread; c++: hiwin_runtime, {r['simd']} kernels, {n} thread{'s' if n > 1 else ''}; "
+          f"{r['cpu_count']} CPUs)")
+    print(f"{'stage':<46}{'python s':>10}{'c++ s':>10}{'speed-up':>10}")
+    rows = [("decode", "decode_s", "decode_s"),
+            ("preprocess (plan, resizes, crops, norm)", "prepare_s", "prepare_s"),
+            ("total, c++ two steps", "total_s", "total_s"),
+            ("total, c++ one call (hiwin_prepare_memory)", "total_s", "one_call_s"),
+            ("total, c++ one call, 1 thread", "total_s", "one_call_1t_s")]
     for name, pk, ck in rows:
-        print(f"{name:<42}{r['python'][pk]:>10.4f}{r['cpp'][ck]:>10.4f}{r['python'][pk] / r['cpp'][ck]:>9.2f}x")
+        print(f"{name:<46}{r['python'][pk]:>10.4f}{r['cpp'][ck]:>10.4f}{r['python'][pk] / r['cpp'][ck]:>9.2f}x")
     if a.json:
         Path(a.json).write_text(json.dumps(r, indent=1))
     return 0

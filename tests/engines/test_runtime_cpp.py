@@ -8,7 +8,9 @@ crop, normalised tensor (hashes of the exact bytes), bucket, shape group, layout
 and hiwin_encode_image's crop chain (through test-double stages set with hiwin_vision_backend) must
 give CropChain's visual tokens.
 A second, ASan + UBSan build feeds bad files, a few hundred random sizes and API misuse and must
-get a status with a message every time, with no sanitizer report and no leak.
+get a status with a message every time, with no sanitizer report and no leak. Every resampling
+kernel (AVX-512, AVX2, portable) and thread count gives the same bytes; a ThreadSanitizer build
+checks the threaded paths for data races.
 """
 
 from __future__ import annotations
@@ -73,6 +75,7 @@ def test_golden_bit_exact(release, data):
     assert len(cases) >= 200 and counts["decoded"] >= 200
     res = _run([release / "hiwin_runtime_tests", "golden", root / "golden" / "golden.txt", root / "golden"])
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert re.search(r"^KERNELS (avx512|avx2|generic)$", res.stdout, re.M)
     got = _passed(res.stdout)
     assert got["decoded"] == counts["decoded"]  # every decoded RGB byte equal to Pillow's
     assert got["crops"] == counts["crops"]  # every crop's RGB bytes and float32 tensor bits
@@ -83,6 +86,32 @@ def test_golden_bit_exact(release, data):
     assert got["size plans"] == counts["sizes"] == 10_000
     assert got["layouts"] > 0 and got["prompt tables"] == 60 and got["buckets"] == 1600
     assert "FAILURES 0" in res.stdout
+
+
+def _x86_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    m = re.search(r"^flags\s*:(.*)$", text, re.M)
+    return set(m.group(1).split()) if m else set()
+
+
+@pytest.mark.parametrize("kernels,threads", [("avx2", 3), ("generic", 1)])
+def test_golden_bit_exact_other_kernels(release, data, kernels, threads):
+    """The same golden data through the other resampling kernels (test_golden_bit_exact uses the best
+    the CPU has) and other thread counts: 3 threads (more than this machine's cores: any split of the
+    work gives the same bytes) and the calling thread only (no decoding overlapped with resizing)."""
+    if kernels == "avx2" and "avx2" not in _x86_flags():
+        pytest.skip("needs an x86-64 CPU with AVX2 (the AVX2 kernels)")
+    root, _, counts = data
+    env = {**os.environ, "HIWIN_SIMD": kernels, "HIWIN_NUM_THREADS": str(threads)}
+    res = _run([release / "hiwin_runtime_tests", "golden", root / "golden" / "golden.txt", root / "golden"], env=env)
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert f"KERNELS {kernels}\n" in res.stdout
+    got = _passed(res.stdout)
+    assert got["decoded"] == counts["decoded"] and got["crops"] == counts["crops"]
+    assert got["one-call prepares"] == counts["images"] and "FAILURES 0" in res.stdout
 
 
 def test_c99_header(release, tmp_path):
@@ -129,6 +158,25 @@ def test_hiwin_encode_matches_reference(release, tmp_path):
     assert r.returncode == 1 and "truncated" in r.stderr
     r = _run([release / "hiwin-encode", img, "--export", tmp_path, "--engines", tmp_path])
     assert r.returncode == 1 and "manifest.json: not found" in r.stderr, r.stderr
+
+
+def test_bench_command_runs(release, tmp_path, capsys):
+    """`python3 -m hiwin_export.runtime_lib bench` end to end on a small JPEG (it prints timings; no
+    timing is asserted here), and hiwin-encode's --threads reaching the options check."""
+    from PIL import Image
+
+    img = tmp_path / "small.jpg"
+    Image.fromarray(runtime_golden._texture(640, 480, np.random.default_rng(5))).save(img, quality=90)
+    assert runtime_lib.main(["bench", str(img), "--repeats", "1", "--threads", "2", "--json", str(tmp_path / "b.json")]) == 0
+    out = capsys.readouterr().out
+    assert "2 threads" in out and "total, c++ one call (hiwin_prepare_memory)" in out
+    import json
+
+    r = json.loads((tmp_path / "b.json").read_text())
+    assert r["size"] == [640, 480] and r["cpp"]["threads"] == 2 and r["simd"] in ("avx512", "avx2", "generic")
+    assert all(r["cpp"][k] > 0 for k in ("decode_s", "prepare_s", "one_call_s", "one_call_1t_s"))
+    res = _run([release / "hiwin-encode", img, "--threads", "-1"])
+    assert res.returncode == 1 and "num_threads must be >= 0" in res.stderr
 
 
 def test_manifest_rule_is_read(release, tmp_path):
@@ -178,13 +226,66 @@ def test_sanitizers_bad_inputs(data, tmp_path):
     lst = runtime_golden.write_robustness(tmp_path / "robust", good)
     env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:exitcode=23",
            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1:exitcode=24"}
-    res = _run([build / "hiwin_runtime_tests", "robust", lst], env=env)
+    # the kernels this CPU picks with 2 threads (JPEG rows handed between threads), then the portable
+    # kernels with 3
+    for kernels, threads in ((None, 2), ("generic", 3)):
+        run_env = {**env, "HIWIN_NUM_THREADS": str(threads)}
+        if kernels:
+            run_env["HIWIN_SIMD"] = kernels
+        res = _run([build / "hiwin_runtime_tests", "robust", lst], env=run_env)
+        out = res.stdout + res.stderr
+        assert res.returncode == 0, out[-6000:]
+        assert "AddressSanitizer" not in out and "runtime error" not in out and "LeakSanitizer" not in out
+        got = _passed(res.stdout)
+        assert got["bad files"] >= 25 and got["random sizes"] >= 300 and got["api misuse"] >= 16
+        assert "FAILURES 0" in res.stdout
+
+
+def _thread_images(cases, largest: int = 6) -> list[Path]:
+    """JPEGs (the one-call path resizes their rows while decoding), the `largest` biggest and grey,
+    CMYK, EXIF-rotated, tall, wide and refused ones, and two PNGs (decoded first)."""
+    paths = [Path(p) for p, _, _ in cases]
+    jpegs = sorted((p for p in paths if p.suffix == ".jpg"), key=lambda p: -p.stat().st_size)
+    pngs = sorted((p for p in paths if p.suffix == ".png"), key=lambda p: -p.stat().st_size)
+    special = ("cmyk_0", "grey_0", "exif_5", "exif_6", "doc_3_", "doc_4_", "rand_7_")  # rand_7: refused
+    if not largest:  # small ones only (ThreadSanitizer is slow)
+        special = ("cmyk_0", "grey_0", "exif_6", "jpeg_q75_s0_p0", "rand_7_")
+    picked = jpegs[:largest] + [p for p in jpegs if any(p.name.startswith(k) for k in special)]
+    return list(dict.fromkeys(picked + (pngs[:2] if largest else pngs[-1:])))
+
+
+def test_threads_bit_identical(release, data):
+    """hiwin_prepare_file with 2, 3, 5 and 8 threads, two calls at once on one context, and decode +
+    prepare: the same bytes as one thread."""
+    _, cases, _ = data
+    imgs = _thread_images(cases)
+    assert len(imgs) >= 8
+    res = _run([release / "hiwin_runtime_tests", "threads", *imgs])
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-2000:]
+    assert _passed(res.stdout)["thread runs"] == len(imgs) * 4 * 3 and "FAILURES 0" in res.stdout
+
+
+@pytest.mark.slow
+def test_thread_sanitizer(data, tmp_path):
+    """The same under ThreadSanitizer: no data race in the row ring, the work split or the kernels."""
+    why = _tools_missing()
+    if why:
+        pytest.skip(why)
+    probe = tmp_path / "p.cpp"
+    probe.write_text("#include <thread>\nint main() { std::thread t([] {}); t.join(); return 0; }\n")
+    cxx = shutil.which(os.environ.get("CXX", "")) if os.environ.get("CXX") else (shutil.which("g++") or shutil.which("c++"))
+    r = _run([cxx, "-fsanitize=thread", probe, "-o", tmp_path / "p"])
+    if r.returncode != 0 or _run([tmp_path / "p"]).returncode != 0:
+        pytest.skip("the C++ compiler cannot build and run ThreadSanitizer programs here (libtsan missing)")
+    build = runtime_lib.build("tsan")
+    _, cases, _ = data
+    imgs = _thread_images(cases, largest=0)
+    assert len(imgs) >= 5
+    env = {**os.environ, "TSAN_OPTIONS": "halt_on_error=1:exitcode=25"}
+    res = _run([build / "hiwin_runtime_tests", "threads", *imgs], env=env)
     out = res.stdout + res.stderr
     assert res.returncode == 0, out[-6000:]
-    assert "AddressSanitizer" not in out and "runtime error" not in out and "LeakSanitizer" not in out
-    got = _passed(res.stdout)
-    assert got["bad files"] >= 25 and got["random sizes"] >= 300 and got["api misuse"] >= 16
-    assert "FAILURES 0" in res.stdout
+    assert "ThreadSanitizer" not in out and "FAILURES 0" in res.stdout
 
 
 @pytest.mark.parametrize("trt", _trt_dirs or [pytest.param(None, id="no-tensorrt-headers")])

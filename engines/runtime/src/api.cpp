@@ -8,6 +8,7 @@
 #include <sstream>
 #include <condition_variable>
 #include <exception>
+#include <system_error>
 #include <thread>
 
 #include "backend.h"
@@ -36,7 +37,9 @@ struct hiwin_image {
 struct hiwin_prepared {
   hiwin::Plan plan;
   std::vector<hiwin::Rgb8> crops;               // slices row-major, then the overview
-  std::vector<std::vector<float>> pixels;       // (3, H, W) each
+  hiwin::Floats pixel_block;                    // every crop's (3, H, W) float32, one after the other
+  std::vector<size_t> pixel_offset;             // where crop i starts in pixel_block
+  const float* pixels(size_t i) const { return pixel_block.data() + pixel_offset[i]; }
   std::vector<std::pair<int, int>> boxes;       // left, top
   std::vector<std::pair<int, int>> buckets;     // (oh, ow)
   std::vector<int> group_of;
@@ -170,9 +173,8 @@ void apply_manifest(const hiwin::Json& m, hiwin_options& o, hiwin::BucketRule& r
   }
 }
 
-void normalize(const hiwin::Rgb8& img, const hiwin_options& o, std::vector<float>& out) {
+void normalize(const hiwin::Rgb8& img, const hiwin_options& o, float* out) {
   const size_t hw = static_cast<size_t>(img.width) * img.height;
-  out.resize(3 * hw);
   const float inv255 = static_cast<float>(1.0 / 255.0);  // np.float32(1 / 255)
   float lut[3][256];  // the same float32 expression per value, evaluated once
   for (int c = 0; c < 3; ++c)
@@ -181,7 +183,7 @@ void normalize(const hiwin::Rgb8& img, const hiwin_options& o, std::vector<float
       lut[c][v] = (a - o.mean[c]) / o.std[c];
     }
   const uint8_t* p = img.data.data();
-  float* r = out.data();
+  float* r = out;
   float* g = r + hw;
   float* b = g + hw;
   for (size_t i = 0; i < hw; ++i) {
@@ -252,24 +254,41 @@ class CallbackBackend : public hiwin::VisionBackend {
 };
 
 
-std::unique_ptr<hiwin_prepared> finish_prepared(const hiwin_context* ctx, const hiwin::Plan& plan, hiwin::Rgb8* refined,
-                                                hiwin::Rgb8 overview) {
+// crops (slices row-major, then the overview), normalised tensors, buckets and shape groups
+std::unique_ptr<hiwin_prepared> finish_prepared(const hiwin_context* ctx, const hiwin::Plan& plan,
+                                                std::vector<hiwin::Rgb8> resized, int threads) {
   const auto& o = ctx->opt;
   std::unique_ptr<hiwin_prepared> p(new hiwin_prepared());
   p->plan = plan;
-  if (plan.cols) {
+  hiwin::Rgb8 overview = std::move(resized.back());
+  const int n = plan.num_crops();
+  if (plan.cols)
     for (int r = 0; r < plan.rows; ++r)
-      for (int c = 0; c < plan.cols; ++c) {
-        p->crops.push_back(hiwin::crop(*refined, c * plan.slice_w, r * plan.slice_h, plan.slice_w, plan.slice_h));
-        p->boxes.emplace_back(c * plan.slice_w, r * plan.slice_h);
-      }
-  }
-  p->crops.push_back(std::move(overview));
+      for (int c = 0; c < plan.cols; ++c) p->boxes.emplace_back(c * plan.slice_w, r * plan.slice_h);
   p->boxes.emplace_back(0, 0);
-  p->pixels.resize(p->crops.size());
-  for (size_t i = 0; i < p->crops.size(); ++i) {
-    const auto& c = p->crops[i];
-    normalize(c, o, p->pixels[i]);
+  // every buffer is allocated here, on the calling thread; the threads fill them
+  p->crops.resize(static_cast<size_t>(n));
+  size_t floats = 0;
+  for (int i = 0; i < n; ++i) {
+    auto& crop = p->crops[static_cast<size_t>(i)];
+    if (i + 1 == n) {
+      crop = std::move(overview);
+    } else {
+      crop.width = plan.slice_w;
+      crop.height = plan.slice_h;
+      crop.data.resize(static_cast<size_t>(plan.slice_w) * plan.slice_h * 3);
+    }
+    p->pixel_offset.push_back(floats);
+    floats += static_cast<size_t>(crop.width) * crop.height * 3;
+  }
+  p->pixel_block.resize(floats);
+  hiwin::parallel_for(threads, n, [&](int i, int) {
+    auto& crop = p->crops[static_cast<size_t>(i)];
+    if (i + 1 < n) hiwin::crop_into(resized[0], p->boxes[static_cast<size_t>(i)].first, p->boxes[static_cast<size_t>(i)].second, crop);
+    normalize(crop, o, p->pixel_block.data() + p->pixel_offset[static_cast<size_t>(i)]);
+  });
+  for (int i = 0; i < n; ++i) {
+    const auto& c = p->crops[static_cast<size_t>(i)];
     p->buckets.push_back(ctx->rule.bucket(c.width / o.patch_size, c.height / o.patch_size));
     int g = -1;
     for (size_t k = 0; k < p->groups.size(); ++k) {
@@ -286,8 +305,22 @@ std::unique_ptr<hiwin_prepared> finish_prepared(const hiwin_context* ctx, const 
   return p;
 }
 
+// the resizes of a plan: the refined image (when there is a grid), then the overview
+std::vector<std::pair<int, int>> plan_sizes(const hiwin::Plan& plan) {
+  std::vector<std::pair<int, int>> s;
+  if (plan.cols) s.emplace_back(plan.refined_w, plan.refined_h);
+  s.emplace_back(plan.overview_w, plan.overview_h);
+  return s;
+}
+
+hiwin::Plan make_plan(const hiwin_context* ctx, int w, int h, int max_slices) {
+  const auto& o = ctx->opt;
+  return hiwin::plan_slices(w, h, max_slices > 0 ? max_slices : o.max_slices, o.scale_resolution, o.patch_size);
+}
+
 // load_image's result -> prepared crops (hiwin_runtime.processor.HiwinProcessor.prepare_image)
-std::unique_ptr<hiwin_prepared> prepare_rgb(const hiwin_context* ctx, const hiwin::Rgb8& image, int max_slices) {
+std::unique_ptr<hiwin_prepared> prepare_rgb(const hiwin_context* ctx, const hiwin::Rgb8& image, int max_slices,
+                                            int threads) {
   const auto& o = ctx->opt;
   const bool order13 = o.resize_pass_order == HIWIN_RESIZE_PILLOW13;
   const hiwin::Rgb8* src = &image;
@@ -295,134 +328,161 @@ std::unique_ptr<hiwin_prepared> prepare_rgb(const hiwin_context* ctx, const hiwi
   if (o.pre_resize > 0) {
     auto sz = hiwin::pre_resize_size(src->width, src->height, o.pre_resize);
     if (sz.first > 0) {
-      pre = hiwin::resize_bicubic(*src, sz.first, sz.second, order13);
+      pre = hiwin::resize_bicubic(*src, sz.first, sz.second, order13, threads);
       src = &pre;
     }
   }
-  hiwin::Plan plan = hiwin::plan_slices(src->width, src->height, max_slices > 0 ? max_slices : o.max_slices,
-                                        o.scale_resolution, o.patch_size);
-  hiwin::Rgb8 refined;
-  if (plan.cols) refined = hiwin::resize_bicubic(*src, plan.refined_w, plan.refined_h, order13);
-  return finish_prepared(ctx, plan, &refined, hiwin::resize_bicubic(*src, plan.overview_w, plan.overview_h, order13));
+  hiwin::Plan plan = make_plan(ctx, src->width, src->height, max_slices);
+  hiwin::Resizer rz(src->width, src->height, plan_sizes(plan), order13);
+  return finish_prepared(ctx, plan, rz.run(*src, threads), threads);
 }
 
-// Receives the JPEG rows while they decode on a second thread.
-struct Stream : hiwin::RowSink {
+// A JPEG's rows go from the decoding thread to the horizontal passes through a ring of row batches;
+// the other threads (the caller's included) run the passes on batches as they are decoded, and the
+// decoding thread joins them when it is done.
+struct RowRing {
   std::mutex m;
   std::condition_variable cv;
-  bool header = false, finished = false, streaming = false;
-  int rows = 0, w = 0, h = 0;
-  std::vector<uint8_t> rgb;
-  uint8_t* begin(int width, int height, int orientation) noexcept override {
-    uint8_t* r = nullptr;
+  int decoded = 0;  // batches decoded
+  int retired = 0;  // batches [0, retired) processed: their ring slots may be reused
+  int next = 0;     // next batch to claim
+  bool failed = false;
+  std::vector<char> done;
+  std::exception_ptr error;  // the first error of a thread
+  void fail(std::exception_ptr e) {
     {
       std::lock_guard<std::mutex> lock(m);
-      w = width;
-      h = height;
-      if (orientation == 1) {
-        try {
-          rgb.resize(static_cast<size_t>(w) * h * 3);
-          r = rgb.data();
-        } catch (...) {
-          r = nullptr;
-        }
-      }
-      streaming = r != nullptr;
-      header = true;
-    }
-    cv.notify_all();
-    return r;
-  }
-  void rows_done(int n) noexcept override {
-    {
-      std::lock_guard<std::mutex> lock(m);
-      rows = n;
+      if (!error) error = e;
+      failed = true;
     }
     cv.notify_all();
   }
 };
 
-// decode + prepare; for JPEG with more than one hardware thread, the resizes' horizontal passes run
-// on rows as they are decoded (the same arithmetic on the same rows: the same bytes)
+std::vector<hiwin::Rgb8> stream_jpeg(hiwin::JpegRows& jr, hiwin::Resizer& rz, int threads) {
+  const int kB = hiwin::Resizer::kBatch;
+  const int h = jr.height(), nb = rz.num_batches();
+  const size_t stride = static_cast<size_t>(jr.width()) * 3;
+  // about 4 MiB of rows, and at least two batches per thread (one thread: one batch)
+  const int slots = threads == 1 ? 1 : std::min(nb, std::max(2 * threads + 2, static_cast<int>((size_t(4) << 20) / (kB * stride))));
+  hiwin::Bytes ring(static_cast<size_t>(slots) * kB * stride);
+  rz.prepare_threads(threads);
+  if (threads == 1) {  // decode a batch, resize it, and so on: no full-size image in memory either
+    uint8_t* rows[kB];
+    for (int r = 0; r < kB; ++r) rows[r] = ring.data() + static_cast<size_t>(r) * stride;
+    for (int b = 0; b < nb; ++b) {
+      jr.read(rows, std::min(kB, h - b * kB));
+      rz.batch(b, rows, 0);
+    }
+    jr.finish();
+    return rz.finish(1);
+  }
+  RowRing st;
+  st.done.assign(static_cast<size_t>(nb), 0);
+  auto rows_of = [&](int b, uint8_t** rows) {
+    uint8_t* base = ring.data() + static_cast<size_t>(b % slots) * kB * stride;
+    for (int r = 0; r < kB; ++r) rows[r] = base + static_cast<size_t>(r) * stride;
+  };
+  auto work = [&](int slot) {
+    try {
+      for (;;) {
+        int b;
+        {
+          std::unique_lock<std::mutex> lock(st.m);
+          if (st.failed || st.next >= nb) return;
+          b = st.next++;
+          st.cv.wait(lock, [&] { return st.decoded > b || st.failed; });
+          if (st.failed) return;
+        }
+        uint8_t* rows[kB];
+        rows_of(b, rows);
+        rz.batch(b, rows, slot);
+        {
+          std::lock_guard<std::mutex> lock(st.m);
+          st.done[static_cast<size_t>(b)] = 1;
+          while (st.retired < nb && st.done[static_cast<size_t>(st.retired)]) ++st.retired;
+        }
+        st.cv.notify_all();
+      }
+    } catch (...) {
+      st.fail(std::current_exception());
+    }
+  };
+  auto decode = [&] {
+    try {
+      for (int b = 0; b < nb; ++b) {
+        {
+          std::unique_lock<std::mutex> lock(st.m);
+          st.cv.wait(lock, [&] { return b - st.retired < slots || st.failed; });
+          if (st.failed) return;
+        }
+        uint8_t* rows[kB];
+        rows_of(b, rows);
+        jr.read(rows, std::min(kB, h - b * kB));
+        {
+          std::lock_guard<std::mutex> lock(st.m);
+          st.decoded = b + 1;
+        }
+        st.cv.notify_all();
+      }
+      jr.finish();
+    } catch (...) {
+      st.fail(std::current_exception());
+      return;
+    }
+    work(1);
+  };
+  std::vector<std::thread> pool;
+  struct Joiner {
+    std::vector<std::thread>& p;
+    ~Joiner() {
+      for (auto& t : p)
+        if (t.joinable()) t.join();
+    }
+  } joiner{pool};
+  try {
+    pool.emplace_back(decode);
+  } catch (const std::system_error&) {
+    return {};  // no thread could be started (nothing was read yet): the caller decodes first
+  }
+  for (int t = 2; t < threads; ++t) {
+    try {
+      pool.emplace_back(work, t);
+    } catch (...) {
+      break;  // fewer helpers
+    }
+  }
+  work(0);
+  for (auto& t : pool) t.join();
+  if (st.error) std::rethrow_exception(st.error);
+  return rz.finish(threads);
+}
+
+// decode + prepare. A JPEG with upright EXIF orientation (or none) is resized while it decodes
+// (stream_jpeg: on other threads, or batch after batch on one); the same arithmetic on the same rows
+// gives the same bytes as decode + prepare.
 std::unique_ptr<hiwin_prepared> prepare_bytes(const hiwin_context* ctx, const uint8_t* data, size_t size,
                                               const std::string& name, int max_slices) {
   const auto& o = ctx->opt;
-  const bool jpeg = size >= 3 && data[0] == 0xFF && data[1] == 0xD8 && data[2] == 0xFF;
-  const bool threads = o.num_threads != 1 && std::thread::hardware_concurrency() > 1;
-  if (!jpeg || !threads || o.pre_resize > 0)
-    return prepare_rgb(ctx, hiwin::decode_image(data, size, name, decode_options(ctx)), max_slices);
-  Stream st;
-  hiwin::Rgb8 decoded;
-  std::exception_ptr err;
+  const int threads = hiwin::resolve_threads(o.num_threads);
   const hiwin::DecodeOptions dopt = decode_options(ctx);
-  std::thread worker([&] {
-    try {
-      decoded = hiwin::decode_image(data, size, name, dopt, &st);
-    } catch (...) {
-      err = std::current_exception();
-    }
-    {
-      std::lock_guard<std::mutex> lock(st.m);
-      st.finished = st.header = true;
-    }
-    st.cv.notify_all();
-  });
-  struct Joiner {
-    std::thread& t;
-    ~Joiner() {
-      if (t.joinable()) t.join();
-    }
-  } joiner{worker};
-  {
-    std::unique_lock<std::mutex> lock(st.m);
-    st.cv.wait(lock, [&] { return st.header; });
-  }
-  auto finish_decode = [&] {
-    worker.join();
-    if (err) std::rethrow_exception(err);
-  };
-  if (!st.streaming) {
-    finish_decode();
-    return prepare_rgb(ctx, decoded, max_slices);
-  }
+  if (!data || !hiwin::is_jpeg(data, size) || o.pre_resize > 0)
+    return prepare_rgb(ctx, hiwin::decode_image(data, size, name, dopt), max_slices, threads);
+  hiwin::JpegRows jr(data, size, name, dopt);  // header errors here, as decode_image reports them
+  if (jr.orientation() != 1) return prepare_rgb(ctx, jr.read_all(), max_slices, threads);
   hiwin::Plan plan;
   try {
-    plan = hiwin::plan_slices(st.w, st.h, max_slices > 0 ? max_slices : o.max_slices, o.scale_resolution, o.patch_size);
+    plan = make_plan(ctx, jr.width(), jr.height(), max_slices);
   } catch (...) {
-    finish_decode();  // a decoding error is reported first, as load_image comes before the plan
+    jr.read_all();  // a decoding error is reported first, as load_image comes before the plan
     throw;
   }
   const bool order13 = o.resize_pass_order == HIWIN_RESIZE_PILLOW13;
-  hiwin::StreamedResize ov(st.w, st.h, plan.overview_w, plan.overview_h, order13);
-  std::unique_ptr<hiwin::StreamedResize> rf;
-  if (plan.cols) rf.reset(new hiwin::StreamedResize(st.w, st.h, plan.refined_w, plan.refined_h, order13));
-  const size_t stride = static_cast<size_t>(st.w) * 3;
-  std::vector<int32_t> planes(stride);
-  int32_t* pl[3] = {planes.data(), planes.data() + st.w, planes.data() + 2 * static_cast<size_t>(st.w)};
-  for (int y = 0; y < st.h;) {
-    int avail;
-    {
-      std::unique_lock<std::mutex> lock(st.m);
-      st.cv.wait(lock, [&] { return st.rows > y || st.finished; });
-      avail = st.rows;
-    }
-    if (avail <= y) break;  // the decoder stopped early: its error comes from finish_decode
-    for (; y < avail; ++y) {
-      hiwin::split_planes(st.rgb.data() + stride * y, st.w, pl);  // once for both resizes
-      if (ov.streamable()) ov.push_planes(y, pl);
-      if (rf && rf->streamable()) rf->push_planes(y, pl);
-    }
-  }
-  finish_decode();
-  hiwin::Rgb8 full;
-  full.width = st.w;
-  full.height = st.h;
-  full.data = std::move(st.rgb);
-  hiwin::Rgb8 refined;
-  if (rf) refined = rf->streamable() ? rf->finish() : hiwin::resize_bicubic(full, plan.refined_w, plan.refined_h, order13);
-  hiwin::Rgb8 overview =
-      ov.streamable() ? ov.finish() : hiwin::resize_bicubic(full, plan.overview_w, plan.overview_h, order13);
-  return finish_prepared(ctx, plan, &refined, std::move(overview));
+  hiwin::Resizer rz(jr.width(), jr.height(), plan_sizes(plan), order13);
+  std::vector<hiwin::Rgb8> resized;
+  if (rz.row_fed()) resized = stream_jpeg(jr, rz, threads);
+  if (resized.empty()) resized = rz.run(jr.read_all(), threads);
+  return finish_prepared(ctx, plan, std::move(resized), threads);
 }
 
 }  // namespace
@@ -435,6 +495,7 @@ void hiwin_status_free(hiwin_status* s) {
   if (s && s != &g_oom) delete s;
 }
 const char* hiwin_version(void) { return HIWIN_VERSION_STRING; }
+const char* hiwin_simd_level(void) { return hiwin::simd_level(); }
 int hiwin_has_tensorrt(void) {
 #ifdef HIWIN_WITH_TENSORRT
   return 1;
@@ -596,7 +657,7 @@ hiwin_status* hiwin_prepare(const hiwin_context* ctx, const hiwin_image* image, 
     *out = nullptr;
     need(ctx, "ctx");
     need(image, "image");
-    *out = prepare_rgb(ctx, image->rgb, max_slices).release();
+    *out = prepare_rgb(ctx, image->rgb, max_slices, hiwin::resolve_threads(ctx->opt.num_threads)).release();
   });
 }
 
@@ -649,7 +710,7 @@ hiwin_status* hiwin_prepared_crop(const hiwin_prepared* p, int index, hiwin_crop
     out->bucket_ow = p->buckets[i].second;
     out->group = p->group_of[i];
     out->rgb = p->crops[i].data.data();
-    out->pixels = p->pixels[i].data();
+    out->pixels = p->pixels(static_cast<size_t>(i));
   });
 }
 
@@ -750,7 +811,11 @@ hiwin_status* hiwin_encode_image(hiwin_context* ctx, const hiwin_prepared* p, co
       const auto& first = p->crops[static_cast<size_t>(g[0])];
       hiwin::Tensor px;
       px.shape = {static_cast<int64_t>(g.size()), 3, first.height, first.width};
-      for (int32_t i : g) px.data.insert(px.data.end(), p->pixels[i].begin(), p->pixels[i].end());
+      for (int32_t i : g) {
+        const auto& c = p->crops[static_cast<size_t>(i)];
+        const float* f = p->pixels(static_cast<size_t>(i));
+        px.data.insert(px.data.end(), f, f + static_cast<size_t>(c.width) * c.height * 3);
+      }
       hiwin::Tensor f1 = ctx->backend->vit(px);
       auto f24 = ctx->backend->jbu(f1, px);
       hiwin::Tensor tok = ctx->backend->projector(p->buckets[static_cast<size_t>(g[0])], f1, f24.first, f24.second);

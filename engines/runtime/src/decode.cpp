@@ -17,6 +17,7 @@
 #include <jpeglib.h>
 #include <png.h>
 
+#include <algorithm>
 #include <cmath>
 #include <csetjmp>
 #include <cstdio>
@@ -140,13 +141,12 @@ void src_skip(j_decompress_ptr cinfo, long n) {
 }
 void src_term(j_decompress_ptr) {}
 
-// Decodes into raw; returns an empty string on success, else the error text. Plain C-style code
-// between setjmp and longjmp: every object with a destructor lives outside this function.
 // one decoded JPEG row (raw mode) -> RGB, as to_rgb does for the whole image
 void jpeg_row_to_rgb(Mode mode, const uint8_t* in, uint8_t* out, int w) {
   if (mode == Mode::L) {
     for (int x = 0; x < w; ++x) out[3 * x] = out[3 * x + 1] = out[3 * x + 2] = in[x];
   } else if (mode == Mode::CMYK) {
+    // Adobe CMYK is stored inverted (Pillow's rawmode "CMYK;I" undoes it), then Pillow's cmyk2rgb
     for (int x = 0; x < w; ++x) {
       const uint8_t* c = in + 4 * x;
       unsigned nk = 255u - (255u - c[3]);
@@ -159,20 +159,38 @@ void jpeg_row_to_rgb(Mode mode, const uint8_t* in, uint8_t* out, int w) {
   }
 }
 
-std::string jpeg_decode_c(const uint8_t* data, size_t size, Raw& raw, const std::string& name,
-                          const DecodeOptions& opt, std::string& size_error, RowSink* sink, bool& streamed) {
+}  // namespace
+
+// The libjpeg state of a JpegRows. The functions below that call libjpeg are plain C-style code
+// between setjmp and longjmp (no object with a destructor is created there); each returns nullptr
+// or the error text.
+struct JpegRows::State {
   jpeg_decompress_struct cinfo;
   JpegErr err;
   JpegSrc src;
-  cinfo.err = jpeg_std_error(&err.mgr);
-  err.mgr.error_exit = jpeg_error_exit;
-  err.mgr.emit_message = jpeg_quiet;
-  err.message[0] = 0;
-  if (setjmp(err.jump)) {
-    jpeg_destroy_decompress(&cinfo);
-    return err.message[0] ? err.message : "libjpeg error";
+  bool created = false;
+  Mode mode = Mode::RGB;
+  int orientation = 1;
+  std::vector<uint8_t> raw;  // L / CMYK rows before conversion
+  State() = default;
+  State(const State&) = delete;
+  State& operator=(const State&) = delete;
+  ~State() {
+    if (created) jpeg_destroy_decompress(&cinfo);
   }
-  jpeg_create_decompress(&cinfo);
+};
+
+namespace {
+
+const char* jpeg_open_c(JpegRows::State* s, const uint8_t* data, size_t size) {
+  s->cinfo.err = jpeg_std_error(&s->err.mgr);
+  s->err.mgr.error_exit = jpeg_error_exit;
+  s->err.mgr.emit_message = jpeg_quiet;
+  s->err.message[0] = 0;
+  if (setjmp(s->err.jump)) return s->err.message[0] ? s->err.message : "libjpeg error";
+  s->created = true;
+  jpeg_create_decompress(&s->cinfo);
+  JpegSrc& src = s->src;
   src.pub.init_source = src_init;
   src.pub.fill_input_buffer = src_fill;
   src.pub.skip_input_data = src_skip;
@@ -183,72 +201,113 @@ std::string jpeg_decode_c(const uint8_t* data, size_t size, Raw& raw, const std:
   src.data = data;
   src.size = size;
   src.truncated = false;
-  cinfo.src = &src.pub;
-  jpeg_save_markers(&cinfo, JPEG_APP0 + 1, 0xFFFF);
-  jpeg_read_header(&cinfo, TRUE);
-  if (src.truncated) {
-    jpeg_destroy_decompress(&cinfo);
-    return "image file is truncated (the headers end early)";
-  }
-  for (jpeg_saved_marker_ptr m = cinfo.marker_list; m; m = m->next)
+  s->cinfo.src = &src.pub;
+  jpeg_save_markers(&s->cinfo, JPEG_APP0 + 1, 0xFFFF);
+  jpeg_read_header(&s->cinfo, TRUE);
+  if (src.truncated) return "image file is truncated (the headers end early)";
+  for (jpeg_saved_marker_ptr m = s->cinfo.marker_list; m; m = m->next)
     if (m->marker == JPEG_APP0 + 1 && m->data_length >= 6 && std::memcmp(m->data, "Exif\0\0", 6) == 0) {
-      raw.orientation = exif_orientation(m->data, m->data_length);
+      s->orientation = exif_orientation(m->data, m->data_length);
       break;
     }
-  int comps = cinfo.num_components;
-  if (comps == 1) raw.mode = Mode::L, cinfo.out_color_space = JCS_GRAYSCALE;
-  else if (comps == 3) raw.mode = Mode::RGB, cinfo.out_color_space = JCS_RGB;
-  else if (comps == 4) raw.mode = Mode::CMYK, cinfo.out_color_space = JCS_CMYK;
-  else {
-    jpeg_destroy_decompress(&cinfo);
-    return "unsupported JPEG with " + std::to_string(comps) + " components";
-  }
-  raw.width = static_cast<int>(cinfo.image_width);
-  raw.height = static_cast<int>(cinfo.image_height);
-  try {
-    check_size(raw.width, raw.height, name, opt);
-  } catch (const Error& e) {
-    jpeg_destroy_decompress(&cinfo);
-    size_error = e.what();
-    return "size";
-  }
-  // libjpeg defaults, as Pillow (no draft): JDCT_ISLOW, fancy up-sampling, no block smoothing change
-  jpeg_start_decompress(&cinfo);
-  const size_t stride = static_cast<size_t>(cinfo.output_width) * cinfo.output_components;
-  uint8_t* dst = sink ? sink->begin(raw.width, raw.height, raw.orientation) : nullptr;
-  streamed = dst != nullptr;
-  try {  // (no longjmp can happen during the allocation)
-    raw.px8.resize(streamed ? (raw.mode == Mode::RGB ? 0 : stride) : stride * cinfo.output_height);
-  } catch (...) {
-    jpeg_destroy_decompress(&cinfo);
-    return "out of memory";
-  }
-  const size_t rgb_stride = static_cast<size_t>(raw.width) * 3;
-  while (cinfo.output_scanline < cinfo.output_height) {
-    const JDIMENSION y = cinfo.output_scanline;
-    JSAMPROW row = !streamed ? raw.px8.data() + stride * y : (raw.mode == Mode::RGB ? dst + rgb_stride * y : raw.px8.data());
-    jpeg_read_scanlines(&cinfo, &row, 1);
-    if (streamed) {
-      if (raw.mode != Mode::RGB) jpeg_row_to_rgb(raw.mode, row, dst + rgb_stride * y, raw.width);
-      if ((y + 1) % 16 == 0 || y + 1 == cinfo.output_height) sink->rows_done(static_cast<int>(y + 1));
-    }
-  }
-  bool truncated = src.truncated;
-  if (!truncated) jpeg_finish_decompress(&cinfo);
-  jpeg_destroy_decompress(&cinfo);
-  if (truncated) return "image file is truncated";
-  if (raw.mode == Mode::CMYK && !streamed)  // Adobe CMYK is stored inverted; Pillow's "CMYK;I" undoes it
-    for (auto& v : raw.px8) v = static_cast<uint8_t>(255 - v);
-  return "";
+  const int comps = s->cinfo.num_components;
+  if (comps == 1) s->mode = Mode::L, s->cinfo.out_color_space = JCS_GRAYSCALE;
+  else if (comps == 3) s->mode = Mode::RGB, s->cinfo.out_color_space = JCS_RGB;
+  else if (comps == 4) s->mode = Mode::CMYK, s->cinfo.out_color_space = JCS_CMYK;
+  else return "unsupported";
+  return nullptr;
 }
 
-void decode_jpeg(const uint8_t* data, size_t size, Raw& raw, const std::string& name, const DecodeOptions& opt,
-                 RowSink* sink, bool& streamed) {
-  std::string size_error;
-  std::string e = jpeg_decode_c(data, size, raw, name, opt, size_error, sink, streamed);
-  if (!size_error.empty()) throw Error(HIWIN_BAD_IMAGE, size_error);
-  if (!e.empty()) throw Error(HIWIN_BAD_IMAGE, name + ": corrupt or truncated image (" + e + ")");
+// libjpeg defaults, as Pillow (no draft): JDCT_ISLOW, fancy up-sampling, no block smoothing change
+const char* jpeg_start_c(JpegRows::State* s) {
+  if (setjmp(s->err.jump)) return s->err.message[0] ? s->err.message : "libjpeg error";
+  jpeg_start_decompress(&s->cinfo);
+  return nullptr;
 }
+
+const char* jpeg_read_c(JpegRows::State* s, JSAMPROW* rows, int n) {
+  if (setjmp(s->err.jump)) return s->err.message[0] ? s->err.message : "libjpeg error";
+  int done = 0;
+  while (done < n) {
+    JDIMENSION got = jpeg_read_scanlines(&s->cinfo, rows + done, static_cast<JDIMENSION>(n - done));
+    if (got == 0) return "no more rows";
+    done += static_cast<int>(got);
+  }
+  return nullptr;
+}
+
+const char* jpeg_finish_c(JpegRows::State* s) {
+  if (setjmp(s->err.jump)) return s->err.message[0] ? s->err.message : "libjpeg error";
+  if (s->src.truncated) return "image file is truncated";
+  jpeg_finish_decompress(&s->cinfo);
+  if (s->src.truncated) return "image file is truncated";
+  return nullptr;
+}
+
+}  // namespace
+
+JpegRows::JpegRows(const uint8_t* data, size_t size, const std::string& name, const DecodeOptions& opt)
+    : s_(new State()), name_(name) {
+  std::unique_ptr<State> guard(s_);
+  const char* e = jpeg_open_c(s_, data, size);
+  if (e && std::strcmp(e, "unsupported") == 0)
+    throw Error(HIWIN_BAD_IMAGE, name + ": corrupt or truncated image (unsupported JPEG with " +
+                                     std::to_string(s_->cinfo.num_components) + " components)");
+  if (e) throw Error(HIWIN_BAD_IMAGE, name + ": corrupt or truncated image (" + e + ")");
+  check_size(s_->cinfo.image_width, s_->cinfo.image_height, name, opt);
+  e = jpeg_start_c(s_);
+  if (e) throw Error(HIWIN_BAD_IMAGE, name + ": corrupt or truncated image (" + e + ")");
+  if (s_->mode != Mode::RGB) s_->raw.resize(static_cast<size_t>(s_->cinfo.output_width) * s_->cinfo.output_components);
+  guard.release();
+}
+
+JpegRows::~JpegRows() { delete s_; }
+
+int JpegRows::width() const { return static_cast<int>(s_->cinfo.image_width); }
+int JpegRows::height() const { return static_cast<int>(s_->cinfo.image_height); }
+int JpegRows::orientation() const { return s_->orientation; }
+const char* JpegRows::mode() const { return mode_name(s_->mode); }
+
+void JpegRows::read(uint8_t* const* rows, int n) {
+  if (n <= 0) return;
+  if (static_cast<JDIMENSION>(n) > s_->cinfo.output_height - s_->cinfo.output_scanline)
+    throw Error(HIWIN_INTERNAL, "JpegRows::read past the last row");
+  if (s_->mode == Mode::RGB) {
+    const char* e = jpeg_read_c(s_, const_cast<JSAMPROW*>(reinterpret_cast<JSAMPROW const*>(rows)), n);
+    if (e) throw Error(HIWIN_BAD_IMAGE, name_ + ": corrupt or truncated image (" + e + ")");
+    return;
+  }
+  for (int i = 0; i < n; ++i) {
+    JSAMPROW r = s_->raw.data();
+    const char* e = jpeg_read_c(s_, &r, 1);
+    if (e) throw Error(HIWIN_BAD_IMAGE, name_ + ": corrupt or truncated image (" + e + ")");
+    jpeg_row_to_rgb(s_->mode, r, rows[i], width());
+  }
+}
+
+void JpegRows::finish() {
+  const char* e = jpeg_finish_c(s_);
+  if (e) throw Error(HIWIN_BAD_IMAGE, name_ + ": corrupt or truncated image (" + e + ")");
+}
+
+Rgb8 JpegRows::read_all() {
+  Rgb8 out;
+  out.width = width();
+  out.height = height();
+  out.source_mode = mode();
+  out.data.resize(static_cast<size_t>(out.width) * out.height * 3);
+  const size_t stride = static_cast<size_t>(out.width) * 3;
+  uint8_t* rows[16];
+  for (int y = 0; y < out.height; y += 16) {
+    const int n = std::min(16, out.height - y);
+    for (int i = 0; i < n; ++i) rows[i] = out.data.data() + stride * static_cast<size_t>(y + i);
+    read(rows, n);
+  }
+  finish();
+  return orient(std::move(out), orientation());
+}
+
+namespace {
 
 // ---------------------------------------------------------------------------------- PNG
 struct PngIo {
@@ -479,6 +538,8 @@ Rgb8 to_rgb(const Raw& raw, const DecodeOptions& opt) {
   return out;
 }
 
+}  // namespace
+
 // ImageOps.exif_transpose on the RGB result (every conversion above is per pixel, so the order
 // of conversion and transposition does not matter).
 Rgb8 orient(Rgb8 in, int orientation) {
@@ -508,28 +569,17 @@ Rgb8 orient(Rgb8 in, int orientation) {
   return out;
 }
 
-}  // namespace
-
-Rgb8 decode_image(const uint8_t* data, size_t size, const std::string& name, const DecodeOptions& opt,
-                  RowSink* sink) {
+Rgb8 decode_image(const uint8_t* data, size_t size, const std::string& name, const DecodeOptions& opt) {
   if (!data || size == 0) throw Error(HIWIN_BAD_IMAGE, name + ": the file is empty");
-  Raw raw;
   static const uint8_t kPng[8] = {0x89, 'P', 'N', 'G', '\r', '\n', 0x1A, '\n'};
-  bool streamed = false;
-  if (size >= 3 && data[0] == 0xFF && data[1] == 0xD8 && data[2] == 0xFF) {
-    decode_jpeg(data, size, raw, name, opt, sink, streamed);
-    if (streamed) {
-      Rgb8 out;
-      out.width = raw.width;
-      out.height = raw.height;
-      out.source_mode = mode_name(raw.mode);
-      return out;
-    }
+  if (is_jpeg(data, size)) return JpegRows(data, size, name, opt).read_all();
+  if (size >= 8 && std::memcmp(data, kPng, 8) == 0) {
+    Raw raw;
+    decode_png(data, size, raw, name, opt);
+    return orient(to_rgb(raw, opt), raw.orientation);
   }
-  else if (size >= 8 && std::memcmp(data, kPng, 8) == 0) decode_png(data, size, raw, name, opt);
-  else throw Error(HIWIN_BAD_IMAGE, name + ": not a recognised image file (this library decodes JPEG and PNG; "
-                                           "decode other formats yourself and use hiwin_image_from_rgb8)");
-  return orient(to_rgb(raw, opt), raw.orientation);
+  throw Error(HIWIN_BAD_IMAGE, name + ": not a recognised image file (this library decodes JPEG and PNG; "
+                                      "decode other formats yourself and use hiwin_image_from_rgb8)");
 }
 
 std::vector<uint8_t> read_file_bytes(const std::string& path) {

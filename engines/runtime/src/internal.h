@@ -2,7 +2,10 @@
 // turns exceptions into hiwin_status objects at the C boundary.
 #pragma once
 
+#include <cstddef>
 #include <cstdint>
+#include <functional>
+#include <new>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -17,10 +20,51 @@ struct Error : std::runtime_error {
   Error(hiwin_code c, const std::string& msg) : std::runtime_error(msg), code(c) {}
 };
 
+// --- memory and threads (util.cpp) --------------------------------------------------------
+// Image-sized blocks: from 1 MiB on (Linux) mapped on their own with transparent huge pages
+// requested, as the first touch of a 36 MB image in 4 KiB pages costs about as much as decoding it.
+void* big_alloc(size_t bytes);  // throws std::bad_alloc
+void big_free(void* p, size_t bytes) noexcept;  // bytes: as given to big_alloc
+
+// std::vector allocator over big_alloc whose resize() leaves new elements uninitialised (every
+// buffer that uses it is written in full before it is read).
+template <class T>
+struct BufAlloc {
+  using value_type = T;
+  BufAlloc() = default;
+  template <class U>
+  BufAlloc(const BufAlloc<U>&) noexcept {}
+  T* allocate(size_t n) {
+    if (n > static_cast<size_t>(-1) / sizeof(T)) throw std::bad_alloc();
+    return static_cast<T*>(big_alloc(n * sizeof(T)));
+  }
+  void deallocate(T* p, size_t n) noexcept { big_free(p, n * sizeof(T)); }
+  template <class U>
+  void construct(U*) noexcept {}  // default-initialised: no zeroing
+  template <class U, class A0, class... A>
+  void construct(U* p, A0&& a0, A&&... a) {
+    ::new (static_cast<void*>(p)) U(std::forward<A0>(a0), std::forward<A>(a)...);
+  }
+  template <class U>
+  bool operator==(const BufAlloc<U>&) const noexcept { return true; }
+  template <class U>
+  bool operator!=(const BufAlloc<U>&) const noexcept { return false; }
+};
+using Bytes = std::vector<uint8_t, BufAlloc<uint8_t>>;
+using Floats = std::vector<float, BufAlloc<float>>;
+
+// Worker threads for one call: `requested` (hiwin_options.num_threads) 0 -> $HIWIN_NUM_THREADS when
+// set, else the CPUs this process may run on; capped at 64.
+int resolve_threads(int requested);
+// f(item, slot) for item in [0, n): items are claimed in increasing order by up to `threads` threads
+// (the calling thread is slot 0; slots are < threads). The first exception is rethrown once all
+// threads have stopped; items not yet claimed by then are skipped.
+void parallel_for(int threads, int n, const std::function<void(int item, int slot)>& f);
+
 // Packed RGB8 image (what Pillow's "RGB" mode holds, without its 4th byte).
 struct Rgb8 {
   int width = 0, height = 0;
-  std::vector<uint8_t> data;  // height*width*3
+  Bytes data;  // height*width*3
   std::string source_mode = "RGB";
 };
 
@@ -30,18 +74,32 @@ struct DecodeOptions {
   bool alpha_composite = true;
   uint8_t background[3] = {255, 255, 255};
 };
-// Receives a JPEG's RGB rows while it decodes (hiwin_prepare_* overlaps decoding and resizing).
-// Both calls come from the decoding thread and must not throw.
-struct RowSink {
-  virtual ~RowSink() = default;
-  // after the header: where the RGB rows go (width*height*3 bytes), or nullptr to decode as usual
-  virtual uint8_t* begin(int width, int height, int orientation) noexcept = 0;
-  virtual void rows_done(int rows) noexcept = 0;  // rows [0, rows) are final
+Rgb8 decode_image(const uint8_t* data, size_t size, const std::string& name, const DecodeOptions& opt);
+// A JPEG decoded row by row into RGB (the same conversions as decode_image; EXIF orientation is
+// reported, not applied). Errors are Error(HIWIN_BAD_IMAGE) with the messages of decode_image.
+class JpegRows {
+ public:
+  JpegRows(const uint8_t* data, size_t size, const std::string& name, const DecodeOptions& opt);  // reads the header
+  ~JpegRows();
+  JpegRows(const JpegRows&) = delete;
+  JpegRows& operator=(const JpegRows&) = delete;
+  int width() const;
+  int height() const;
+  int orientation() const;
+  const char* mode() const;  // the Pillow mode of the file ("RGB", "L", "CMYK")
+  // the next n rows (n <= height - rows read so far), RGB8, into rows[0..n)
+  void read(uint8_t* const* rows, int n);
+  void finish();  // after the last row: the "image file is truncated" check
+  Rgb8 read_all();  // before any read(): every row, finish(), then the EXIF orientation applied
+  struct State;  // (decode.cpp)
+
+ private:
+  State* s_;
+  std::string name_;
 };
-// With a sink that took the rows, the returned image has its size and mode but no data (the pixels
-// are in the sink's buffer).
-Rgb8 decode_image(const uint8_t* data, size_t size, const std::string& name, const DecodeOptions& opt,
-                  RowSink* sink = nullptr);
+inline bool is_jpeg(const uint8_t* d, size_t n) { return n >= 3 && d[0] == 0xFF && d[1] == 0xD8 && d[2] == 0xFF; }
+// ImageOps.exif_transpose of an RGB image
+Rgb8 orient(Rgb8 in, int orientation);
 Rgb8 decode_file(const std::string& path, const DecodeOptions& opt);
 std::vector<uint8_t> read_file_bytes(const std::string& path);  // IO errors / empty file as Error
 
@@ -64,28 +122,40 @@ struct BucketRule {
 };
 
 // --- resampling (resample.cpp) -------------------------------------------------------------
-// Pillow Image.resize(size, BICUBIC) of an RGB image, bit for bit.
-Rgb8 resize_bicubic(const Rgb8& in, int out_w, int out_h, bool pillow13_order = true);
-void split_planes(const uint8_t* rgb_row, int w, int32_t* const* planes);
-Rgb8 crop(const Rgb8& in, int left, int top, int w, int h);
+// Pillow Image.resize(size, BICUBIC) of RGB images, bit for bit (see resample.cpp).
+Rgb8 resize_bicubic(const Rgb8& in, int out_w, int out_h, bool pillow13_order = true, int threads = 1);
+void crop_into(const Rgb8& in, int left, int top, Rgb8& out);  // out's size (and buffer) already set
 
-// resize_bicubic fed row by row (rows in order, as they are decoded): the horizontal pass runs per
-// pushed row, the vertical pass in finish(). Only when Pillow would run the horizontal pass first.
-class StreamedResize {
+// Several resizes of one source image (the slicer's refined image and overview), run together: the
+// source is read once by all horizontal passes, in batches of kBatch rows that can be handed over
+// while a JPEG decodes; the work is split over threads.
+class Resizer {
  public:
-  StreamedResize(int in_w, int in_h, int out_w, int out_h, bool pillow13_order);
-  ~StreamedResize();
-  bool streamable() const { return streamable_; }
-  void push_row(int y, const uint8_t* rgb_row);  // y = 0, 1, ... (rows outside the used band are skipped)
-  // the same from the row already split into planar int32 channels (r, g, b: in_w values each)
-  void push_planes(int y, int32_t* const* planes);
-  Rgb8 finish();
+  static constexpr int kBatch = 5;
+  Resizer(int in_w, int in_h, const std::vector<std::pair<int, int>>& sizes, bool pillow13_order);
+  ~Resizer();
+  Resizer(const Resizer&) = delete;
+  Resizer& operator=(const Resizer&) = delete;
+  // whole source given: every pass, with up to `threads` threads; the results in the order of `sizes`
+  std::vector<Rgb8> run(const Rgb8& src, int threads);
+  // Row-fed use: true when every resize starts with a horizontal pass over the source (Pillow's order
+  // for all but extreme aspect ratios) or is a copy. Then call batch() for every b in
+  // [0, num_batches()) (any order, any thread; `slot` < threads picks the scratch), then finish().
+  bool row_fed() const;
+  int num_batches() const;
+  void prepare_threads(int threads);  // scratch for slots [0, threads)
+  // source rows [kBatch*b, kBatch*b + kBatch) (entries past the last row are ignored)
+  void batch(int b, const uint8_t* const* rows, int slot);
+  std::vector<Rgb8> finish(int threads);
 
  private:
   struct Impl;
-  Impl* impl_ = nullptr;
-  bool streamable_ = false;
+  Impl* m_;
 };
+
+// Which kernels the resampler uses: "avx512", "avx2" or "generic" (portable C++). The best the CPU
+// has, unless $HIWIN_SIMD names a lesser one (read once; for tests).
+const char* simd_level();
 
 // --- layout --------------------------------------------------------------------------------
 size_t num_image_tokens(int cols, int rows, int queries);

@@ -3,6 +3,8 @@
 //   hiwin_runtime_tests golden GOLDEN.txt MANIFEST_DIR   compare with the Python reference's golden data
 //   hiwin_runtime_tests robust ROBUST.txt               bad files / random sizes / API misuse: every call
 //                                                        returns a status (run under ASan + UBSan)
+//   hiwin_runtime_tests threads IMAGE...                 the same bytes for every thread count and for
+//                                                        concurrent calls (run under ThreadSanitizer too)
 //
 // Hashes: h = n * K3 + sum_i b[i] * ((i * K1 + K2) | 1) mod 2^64 over the bytes b of an array (the
 // golden writer computes the same with numpy); any single changed byte changes h.
@@ -11,10 +13,14 @@
 #include <cstdlib>
 #include <cstring>
 #include <fstream>
+#include <functional>
 #include <map>
+#include <memory>
+#include <mutex>
 #include <random>
 #include <sstream>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "hiwin/hiwin.hpp"
@@ -122,6 +128,7 @@ void set_fake_backend(hiwin::Context& ctx) {
 }
 
 int run_golden(const std::string& golden, const std::string& manifest_dir) {
+  std::printf("KERNELS %s\n", hiwin_simd_level());  // $HIWIN_SIMD / $HIWIN_NUM_THREADS pick kernels and threads
   std::ifstream f(golden);
   if (!f) {
     std::printf("cannot open %s\n", golden.c_str());
@@ -459,11 +466,72 @@ int run_robust(const std::string& list) {
   return failures ? 1 : 0;
 }
 
+// Every image file given: hiwin_prepare_file with 2, 3, 5 and 8 threads, two calls at once on one
+// context, and decode + hiwin_prepare, must give the bytes of hiwin_prepare_file on one thread
+// (run under ThreadSanitizer too).
+int run_threads(int argc, char** argv) {
+  int runs = 0;
+  std::mutex count_m;  // runs / failures are counted from two threads
+  for (int a = 0; a < argc; ++a) {
+    const std::string file = argv[a];
+    hiwin_options o;
+    hiwin_options_default(&o);
+    o.num_threads = 1;
+    hiwin::Context one(o);
+    std::unique_ptr<hiwin::Prepared> ref;
+    int ref_code = HIWIN_OK;  // the reference refuses some aspect ratios: then every run must refuse
+    try {
+      ref.reset(new hiwin::Prepared(one.prepare_file(file)));
+    } catch (const hiwin::Exception& e) {
+      ref_code = e.code();
+    }
+    // calls f() (which prepares) and compares its result or its error code with one thread's
+    auto check = [&](const std::string& how, const std::function<hiwin::Prepared()>& f) {
+      std::unique_ptr<hiwin::Prepared> p;
+      int code = HIWIN_OK;
+      try {
+        p.reset(new hiwin::Prepared(f()));
+      } catch (const hiwin::Exception& e) {
+        code = e.code();
+      }
+      bool ok = code == ref_code;
+      if (ok && p) {
+        hiwin_plan x = p->plan(), y = ref->plan();
+        ok = plan_str(x) == plan_str(y);
+        for (int i = 0; ok && i < x.num_crops; ++i) {
+          hiwin_crop c = p->crop(i), d = ref->crop(i);
+          const size_t n = static_cast<size_t>(c.width) * c.height * 3;
+          ok = c.width == d.width && c.height == d.height && std::memcmp(c.rgb, d.rgb, n) == 0 &&
+               std::memcmp(c.pixels, d.pixels, n * sizeof(float)) == 0;
+        }
+      }
+      std::lock_guard<std::mutex> lock(count_m);
+      if (!ok) fail(file + ": " + how + " differs from one thread");
+      else runs++;
+    };
+    for (int n : {2, 3, 5, 8}) {
+      o.num_threads = n;
+      hiwin::Context ctx(o);
+      const std::string how = std::to_string(n) + " threads";
+      std::thread t([&] { check(how + ", concurrent call", [&] { return ctx.prepare_file(file); }); });
+      check(how, [&] { return ctx.prepare_file(file); });
+      t.join();
+      check(how + ", decode + prepare", [&] {
+        hiwin::Image img = ctx.decode_file(file);
+        return ctx.prepare(img);
+      });
+    }
+  }
+  std::printf("PASSED thread runs %d\nFAILURES %d\n", runs, failures);
+  return failures ? 1 : 0;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   if (argc == 4 && std::string(argv[1]) == "golden") return run_golden(argv[2], argv[3]);
   if (argc == 3 && std::string(argv[1]) == "robust") return run_robust(argv[2]);
-  std::fprintf(stderr, "usage: hiwin_runtime_tests golden GOLDEN.txt MANIFEST_DIR | robust LIST.txt\n");
+  if (argc >= 3 && std::string(argv[1]) == "threads") return run_threads(argc - 2, argv + 2);
+  std::fprintf(stderr, "usage: hiwin_runtime_tests golden GOLDEN.txt MANIFEST_DIR | robust LIST.txt | threads IMAGE...\n");
   return 2;
 }

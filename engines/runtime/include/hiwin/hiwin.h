@@ -14,7 +14,9 @@
  *    a too small buffer gives HIWIN_BUFFER_TOO_SMALL and writes nothing).
  *  - Threads: a hiwin_context is immutable after creation and may be used from any number of
  *    threads at once for decoding and preparation; hiwin_encode_image serialises engine use per
- *    context internally. hiwin_image and hiwin_prepared handles are read-only after creation, so
+ *    context internally. hiwin_prepare / hiwin_prepare_file / hiwin_prepare_memory also split their
+ *    own work over up to hiwin_options.num_threads threads (started and joined within the call);
+ *    the results are bit-identical for every thread count. hiwin_image and hiwin_prepared handles are read-only after creation, so
  *    concurrent reads are safe; freeing a handle must not race with other uses of it.
  */
 #ifndef HIWIN_HIWIN_H
@@ -65,6 +67,10 @@ HIWIN_API void hiwin_status_free(hiwin_status* status);
 HIWIN_API const char* hiwin_version(void);                                /* static string */
 /* 1 when this build has the TensorRT vision backend, else 0. */
 HIWIN_API int hiwin_has_tensorrt(void);
+/* The resampling kernels this process uses: "avx512", "avx2" (x86-64, picked at run time) or
+ * "generic" (portable C++); the best the CPU has unless the environment variable HIWIN_SIMD names a
+ * lesser one (read once). All give the same bytes. Static string. */
+HIWIN_API const char* hiwin_simd_level(void);
 
 /* ------------------------------------------------------------------------------------ options */
 typedef struct hiwin_options {
@@ -84,8 +90,10 @@ typedef struct hiwin_options {
                               Pillow >= 13 runs the vertical pass first when the height shrinks by
                               more than twice as many pixels as the width) or HIWIN_RESIZE_PILLOW12
                               (Pillow <= 12: always horizontal first). Match the reference's Pillow. */
-  int num_threads;         /* hiwin_prepare_file/_memory: 1 = the calling thread only; 0 (default) = JPEG
-                              decoding overlaps the resizes on one more thread when the CPU has > 1 */
+  int num_threads;         /* threads per hiwin_prepare / _file / _memory call, the caller's included:
+                              0 (default) = the environment variable HIWIN_NUM_THREADS when set, else
+                              the CPUs this process may run on; 1 = the calling thread only. With 2 or
+                              more, a JPEG's rows are resized on other threads while it decodes. */
 } hiwin_options;
 
 #define HIWIN_RESIZE_PILLOW13 0
@@ -145,7 +153,7 @@ HIWIN_API hiwin_status* hiwin_plan_slices(const hiwin_context* ctx, int width, i
 HIWIN_API hiwin_status* hiwin_prepare(const hiwin_context* ctx, const hiwin_image* image, int max_slices,
                                       hiwin_prepared** out);
 /* Decode + prepare in one call (the same result as hiwin_image_decode_* then hiwin_prepare, faster:
- * with num_threads != 1 a JPEG's rows are resized as they are decoded, on a second thread). */
+ * with num_threads != 1 a JPEG's rows are resized on other threads while it decodes). */
 HIWIN_API hiwin_status* hiwin_prepare_file(const hiwin_context* ctx, const char* path, int max_slices,
                                            hiwin_prepared** out);
 HIWIN_API hiwin_status* hiwin_prepare_memory(const hiwin_context* ctx, const void* data, size_t size, int max_slices,

@@ -108,7 +108,7 @@ class Context {
     check(hiwin_prepare(p_.get(), img.get(), max_slices, &p));
     return Prepared(p);
   }
-  // decode + prepare in one call (overlapped on a second thread for JPEG unless num_threads == 1)
+  // decode + prepare in one call (a JPEG's rows resized on other threads while it decodes unless num_threads == 1)
   Prepared prepare_file(const std::string& path, int max_slices = 0) const {
     hiwin_prepared* p = nullptr;
     check(hiwin_prepare_file(p_.get(), path.c_str(), max_slices, &p));
