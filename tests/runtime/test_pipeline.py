@@ -407,7 +407,7 @@ def test_cli_run_without_arguments_is_the_main_job(exported, monkeypatch, capsys
     monkeypatch.setattr(export_mod, "export_model", fake_export)
     assert main(["run", "--max-new-tokens", "5"]) == 0
     cap = capsys.readouterr()
-    assert calls == [(128, 4, {"bundles": False, "parity": "quick", "precisions": ("fp32",)})]  # the demo model
+    assert calls == [(128, 4, {"bundles": False, "parity": "quick", "precisions": ("fp32",), "genai": "fp32"})]  # the demo model
     assert "457 visual + " in cap.err and "[onnxruntime]" in cap.err  # 252x504 page: 1x2 slices + overview
     _, question, expected = demo_question()
     lines = cap.out.splitlines()
