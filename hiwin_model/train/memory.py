@@ -91,6 +91,14 @@ def _config(width: str, llm_layers: int):
     if width == "real":
         c = HiwinConfig()
         c = dataclasses.replace(c, llm={**c.llm, "num_hidden_layers": llm_layers})
+    elif width == "half":  # every width and the vocabulary halved, depths kept: ~1/4 of the parameters
+        d = dict(TINY_CONFIG, hidden_size=2048, intermediate_size=5504, num_attention_heads=16,
+                 num_key_value_heads=16, num_hidden_layers=llm_layers, vocab_size=16000, mm_hidden_size=512,
+                 hiwin_projector_num_heads=16,
+                 hiwin_vision_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=24,
+                                          num_attention_heads=8, image_size=336, patch_size=14,
+                                          hidden_act="quick_gelu", layer_norm_eps=1e-5))
+        c = HiwinConfig.from_dict(d)
     else:
         d = dict(TINY_CONFIG, num_hidden_layers=llm_layers, vocab_size=len(tok))
         c = HiwinConfig.from_dict(d)
@@ -132,6 +140,8 @@ def worker(mode: str, width: str, llm_layers: int, data: str, steps: int, out: s
     root = _LossModule(model, 2, Path(data) / "images", max_slices=1, max_length=512)
     if mode == "fsdp":
         apply_fsdp(root, model, compute_dtype=torch.bfloat16, activation_checkpointing=True)
+        root.balance = True
+        root.compute_dtype = torch.bfloat16
     root.to_empty(device="cpu")
     from torch.distributed.tensor import DTensor
 
@@ -217,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world", type=int, default=8)
     p.add_argument("--lora-r", type=int, default=128)
     m = sub.add_parser("measure", help="per-rank peak RSS of one stage-2 step: FSDP2 (2 ranks) vs DDP")
-    m.add_argument("--width", choices=["real", "tiny"], default="tiny")
+    m.add_argument("--width", choices=["real", "half", "tiny"], default="tiny",
+                   help="half: every width halved (~1/4 of the parameters), to calibrate on a small machine")
     m.add_argument("--llm-layers", type=int, default=2)
     m.add_argument("--steps", type=int, default=2)
     m.add_argument("--port", type=int, default=29533)
@@ -233,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--json", help="also write the per-mode records here")
     dw = sub.add_parser("device-worker", help=argparse.SUPPRESS)
     dw.add_argument("--mode", required=True)
-    dw.add_argument("--width", choices=["real", "tiny"], required=True)
+    dw.add_argument("--width", choices=["real", "half", "tiny"], required=True)
     dw.add_argument("--llm-layers", type=int, required=True)
     dw.add_argument("--lora-r", type=int, required=True)
     dw.add_argument("--device", required=True)
@@ -242,7 +253,7 @@ def main(argv: list[str] | None = None) -> int:
     dw.add_argument("--out", required=True)
     w = sub.add_parser("worker", help=argparse.SUPPRESS)
     w.add_argument("--mode", choices=["fsdp", "ddp"], required=True)
-    w.add_argument("--width", choices=["real", "tiny"], required=True)
+    w.add_argument("--width", choices=["real", "half", "tiny"], required=True)
     w.add_argument("--llm-layers", type=int, required=True)
     w.add_argument("--data", required=True)
     w.add_argument("--steps", type=int, required=True)

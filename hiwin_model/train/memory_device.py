@@ -233,6 +233,8 @@ def worker(mode: str, width: str, llm_layers: int, lora_r: int, device: str, dat
                                     world_size=1)
             group = True
         apply_fsdp(root, model, compute_dtype=torch.bfloat16, activation_checkpointing=True)
+        root.balance = True
+        root.compute_dtype = torch.bfloat16
     else:
         root.autocast = torch.bfloat16
     root.to_empty(device=dev)
