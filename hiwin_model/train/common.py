@@ -48,6 +48,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # setup_distributed created the process group: finish_distributed ends it
 
     @property
     def main(self) -> bool:
@@ -59,13 +60,24 @@ def setup_distributed(device: str | None = None) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if world > 1 and not dist.is_initialized():
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     dev = torch.device(device, int(os.environ.get("LOCAL_RANK", "0"))) if device == "cuda" else torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    return Dist(rank, world, dev)
+    return Dist(rank, world, dev, owns)
+
+
+def finish_distributed(d: Dist) -> None:
+    """After a successful run: wait for every rank (rank 0 may still be writing the output), then end
+    the process group :func:`setup_distributed` created. A rank that exits with its gloo group alive
+    can abort in the interpreter's teardown (gloo threads still holding tensors), which torchrun
+    reports as a failed run."""
+    if d.owns_group and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def wrap_ddp(module: nn.Module, d: Dist) -> nn.Module:

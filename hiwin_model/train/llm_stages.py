@@ -33,8 +33,9 @@ from ..conversation import get_template
 from ..layout import layout_image_tokens
 from ..model import HiwinForCausalLM, parse_dtype
 from .common import (Dist, LoopConfig, assemble_sequence, atomic_torch_save, conversation_turns, cosine_with_warmup,
-                     embed_pieces, global_batches, load_trainer_state, micro_batch_seed, micro_batches, pad_batch,
-                     read_json_list, run_loop, sequence_pieces, setup_distributed, trainer_state, wrap_ddp)
+                     embed_pieces, finish_distributed, global_batches, load_trainer_state, micro_batch_seed,
+                     micro_batches, pad_batch, read_json_list, run_loop, sequence_pieces, setup_distributed,
+                     trainer_state, wrap_ddp)
 from .lora import LoraSpec
 
 log = logging.getLogger("hiwin.train")
@@ -243,7 +244,9 @@ def train_stage(args: StageArgs) -> list[float]:
         dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
     try:
-        return _train(args, d, data, dtype, strategy)
+        losses = _train(args, d, data, dtype, strategy)
+        finish_distributed(d)
+        return losses
     finally:
         if own_group:
             dist.destroy_process_group()
