@@ -101,7 +101,7 @@ def shard_blocks(model) -> list[nn.Module]:
     (:func:`.vision_batch.encode_micro_batch`, with ``balance``) pads the CLIP and crop calls to the
     ranks' maximum with zero-weighted dummy calls; its docstring states the invariant. What is left
     in the root unit: the CLIP patch / position embeddings and pre-layer-norm, and the JBU stack
-    (about 3.5 M parameters at the released width), gathered for the whole step."""
+    (2.3 M parameters at the released width), gathered for the whole step."""
     return [*model.vision_tower.vision_model.encoder.layers, model.projector, model.llm.model.embed_tokens,
             *model.llm.model.layers]
 

@@ -4,10 +4,11 @@
     prints the bytes-per-parameter arithmetic of docs/training.md for the released model (7.2 B
     parameters: Vicuna-7B 6.74 B, CLIP ViT-L 0.29 B to layer -2, projector 0.17 B, JBU 1 M).
 
-``python -m hiwin_model.train.memory measure [--width real|tiny] [--llm-layers 2]``
-    runs one stage-2 training step (one generated page, overview only, AdamW) in separate processes
+``python -m hiwin_model.train.memory measure [--width real|half|tiny] [--llm-layers 2] [--malloc mmap|glibc]``
+    runs stage-2 training steps (one generated page, overview only, AdamW) in separate processes
     and prints each rank's peak RSS (``ru_maxrss``) and the bytes it holds in parameters, gradients
-    and optimizer state, for
+    and optimizer state (``half``: every width halved, a quarter of the parameters, to calibrate on
+    a small machine; ``--malloc``: see :func:`measure`), for
 
     * ``fsdp``: FSDP2 on 2 gloo ranks (``torchrun``), bf16 compute, fp32 master weights, fp32
       gradient reduction, activation checkpointing (the ``--strategy fsdp --dtype bf16`` recipe);
@@ -52,6 +53,10 @@ class Sizes:
         return self.llm + self.clip + self.projector + self.jbu
 
 
+ROOT = 2.26e6  # the FSDP2 root unit at the released width: CLIP patch/position embeddings, pre-norm, JBU stack
+LLAMA_LAYER = 0.2024e9  # one Vicuna-7B decoder layer: the largest FSDP2 unit
+
+
 def plan_rows(s: Sizes = Sizes(), world: int = 8, lora_r: int = 128) -> list[tuple[str, str, float]]:
     """(mode, arithmetic, GiB per GPU before activations) for stage 2 at the released size."""
     n = s.total
@@ -63,9 +68,10 @@ def plan_rows(s: Sizes = Sizes(), world: int = 8, lora_r: int = 128) -> list[tup
         (f"FSDP2 bf16 on {world} GPUs, state", f"16 B x {n / 1e9:.2f} B / {world} (fp32 master + fp32 grads + AdamW, "
                                               "all sharded)", 16 * n / world),
         (f"FSDP2 bf16 on {world} GPUs, + gathered units",
-         "+ root unit (CLIP, projector, embeddings: 0.59 B) in bf16, its bf16 grads and fp32 reduce buffer "
-         "(2 + 2 + 4 B) + LM-head unit (0.13 B x 8 B) + 2 Llama layers in flight (2 x 0.2 B x 2 B)",
-         16 * n / world + 8 * 0.59e9 + 8 * 0.131e9 + 2 * 0.2024e9 * 2),
+         f"+ root unit (CLIP patch embeddings, JBU: {ROOT / 1e6:.1f} M) x 8 B (bf16 weights + bf16 grads + fp32 "
+         "reduce input, the whole step) + 10 B x the largest unit (a Llama layer, 0.2 B: its weights and grads, "
+         "the previous unit's fp32 reduce input, the next unit prefetched)",
+         16 * n / world + 8 * ROOT + 10 * LLAMA_LAYER),
         (f"LoRA r={lora_r}, 1 GPU, bf16 base", f"2 B x {n / 1e9:.2f} B frozen + 16 B x {trained_lora / 1e6:.0f} M "
                                                "trained (adapters, projector, fixup)", 2 * n + 16 * trained_lora),
     ]
@@ -176,15 +182,31 @@ def worker(mode: str, width: str, llm_layers: int, data: str, steps: int, out: s
            "params": sum(p.numel() for p in model.parameters()),
            "param_bytes": _local_bytes(model.parameters()), "grad_bytes": _local_bytes(p.grad for p in params),
            "optim_bytes": _local_bytes(state), "rss_imports_mib": rss_imports, "rss_after_init_mib": rss_weights,
-           "peak_rss_mib": peak_rss_mib(), "loss": float(loss.detach())}
+           "peak_rss_mib": peak_rss_mib(), "loss": float(loss.detach()),
+           "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_", "glibc default")}
     Path(out).with_name(f"{Path(out).name}.{mode}.rank{d.rank}.json").write_text(json.dumps(rec))
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
-def measure(width: str, llm_layers: int, steps: int, port: int) -> list[dict]:
+MMAP_THRESHOLD = 128 << 10  # bytes; glibc's initial value, here fixed (see measure)
+
+
+def measure(width: str, llm_layers: int, steps: int, port: int, malloc: str = "mmap") -> list[dict]:
+    """Run both modes (each in its own processes, one after the other) and return the per-rank records.
+
+    ``malloc="mmap"`` (default) starts the workers with glibc's mmap threshold fixed at 128 KiB
+    (``MALLOC_MMAP_THRESHOLD_``): every allocation from 128 KiB up is its own mapping, returned to
+    the system when freed, so the peak RSS follows the peak of live memory. By default glibc raises
+    the threshold to the size of the largest block freed so far (up to 32 MiB) and keeps freed
+    blocks below it in its heaps, which adds retained-but-free memory to the RSS of both modes
+    (more to FSDP2, whose shards and gathered units are many medium-sized blocks); ``"glibc"``
+    measures with that default."""
     from ..synthetic import write_training_data
+
+    if malloc not in ("mmap", "glibc"):
+        raise ValueError(f"malloc must be 'mmap' or 'glibc', got {malloc!r}")
 
     recs = []
     with tempfile.TemporaryDirectory(prefix="hiwin-mem-") as tmp:
@@ -197,6 +219,9 @@ def measure(width: str, llm_layers: int, steps: int, port: int) -> list[dict]:
                    "--out", str(out)]
             print(f"running {mode} on {ranks} rank(s) ...", file=sys.stderr, flush=True)
             env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+            env.pop("MALLOC_MMAP_THRESHOLD_", None)
+            if malloc == "mmap":
+                env["MALLOC_MMAP_THRESHOLD_"] = str(MMAP_THRESHOLD)
             subprocess.run(cmd, check=True, env=env)
             for r in range(ranks):
                 recs.append(json.loads(out.with_name(f"{out.name}.{mode}.rank{r}.json").read_text()))
@@ -208,7 +233,8 @@ def print_measurement(recs: list[dict]) -> None:
 
     r0 = recs[0]
     print(f"stage-2 step, {r0['width']} width, {r0['llm_layers']} Llama layers, {r0['params'] / 1e6:.1f} M parameters; "
-          f"torch {torch.__version__}, CPU, gloo; one generated page (overview only), AdamW")
+          f"torch {torch.__version__}, CPU, gloo; one generated page (overview only), AdamW; "
+          f"glibc mmap threshold: {r0.get('malloc_mmap_threshold', 'glibc default')}")
     print(f"{'mode':34s} {'rank':>4s} {'params MiB':>10s} {'grads MiB':>10s} {'AdamW MiB':>10s} "
           f"{'RSS imports':>11s} {'peak RSS MiB':>12s}")
     label = {"fsdp": "FSDP2 bf16+ckpt, 2 ranks", "ddp": "DDP fp32 (1 rank of a 1-rank group)"}
@@ -233,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--steps", type=int, default=2)
     m.add_argument("--port", type=int, default=29533)
     m.add_argument("--json", help="also write the per-rank records here")
+    m.add_argument("--malloc", choices=["mmap", "glibc"], default="mmap",
+                   help="mmap (default): glibc's mmap threshold fixed at 128 KiB, so freed tensors leave the RSS; "
+                        "glibc: its default dynamic threshold (freed blocks up to 32 MiB stay in the heap)")
     c = sub.add_parser("measure-cuda", help="device memory of stage-2 steps at the released widths "
                        "(hiwin_model.train.memory_device): LoRA and full bf16, each in its own process")
     c.add_argument("--llm-layers", type=int, default=32, help="Llama decoder layers (32: the full 7B)")
@@ -262,7 +291,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "plan":
         print_plan(a.world, a.lora_r)
     elif a.cmd == "measure":
-        recs = measure(a.width, a.llm_layers, a.steps, a.port)
+        recs = measure(a.width, a.llm_layers, a.steps, a.port, a.malloc)
         print_measurement(recs)
         if a.json:
             Path(a.json).write_text(json.dumps(recs, indent=1))

@@ -39,7 +39,7 @@ the backward hooks of the units then fire in the same order on every rank too. P
 * token embeddings: one call per micro-batch (the loss module embeds all token ids of the
   micro-batch at once, the layout's separators included);
 * Llama layers, final norm + LM head: one call per micro-batch (one LLM forward);
-* the JBU (about 2 M parameters at the released width) is not a unit of its own: it stays in the
+* the JBU (1 M parameters at the released width) is not a unit of its own: it stays in the
   root unit, gathered once per step, so its call count does not matter.
 """
 
