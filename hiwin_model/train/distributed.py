@@ -201,6 +201,10 @@ def use_in_place_gloo_comms(root: nn.Module) -> bool:
         if isinstance(m, FSDPModule):
             m.set_custom_all_gather(comms[0])
             m.set_custom_reduce_scatter(comms[1])
+            # No backward prefetch: gloo's collectives run synchronously here, so gathering the next
+            # unit early overlaps nothing and only holds its weights longer. (An explicit prefetch
+            # list replaces FSDP2's default; prefetching the unit itself, already gathered, is a no-op.)
+            m.set_modules_to_backward_prefetch([m])
     return True
 
 
