@@ -15,7 +15,7 @@ Strategies (``StageArgs.strategy`` / ``hiwin train --strategy``):
   shards. With ``compute_dtype=bf16`` the sharded parameters stay fp32 (the master weights the
   optimizer updates), are cast to bf16 when gathered, and gradients are reduced in fp32
   (:class:`~torch.distributed.fsdp.MixedPrecisionPolicy`). Activation checkpointing wraps each CLIP
-  and Llama block.
+  block, the JBU, the projector and each Llama layer (:func:`checkpoint_blocks`).
 * ``auto``: ``fsdp`` when there are several ranks and a DDP replica (:func:`ddp_bytes_per_rank`)
   would take more than half of one device's memory, else ``ddp``.
 

@@ -4,11 +4,12 @@
     prints the bytes-per-parameter arithmetic of docs/training.md for the released model (7.2 B
     parameters: Vicuna-7B 6.74 B, CLIP ViT-L 0.29 B to layer -2, projector 0.17 B, JBU 1 M).
 
-``python -m hiwin_model.train.memory measure [--width real|half|tiny] [--llm-layers 2] [--malloc mmap|glibc]``
+``python -m hiwin_model.train.memory measure [--width real|half|quarter|tiny] [--llm-layers 2] [--malloc mmap|glibc]``
     runs stage-2 training steps (one generated page, overview only, AdamW) in separate processes
     and prints each rank's peak RSS (``ru_maxrss``) and the bytes it holds in parameters, gradients
-    and optimizer state (``half``: every width halved, a quarter of the parameters, to calibrate on
-    a small machine; ``--malloc``: see :func:`measure`), for
+    and optimizer state (``half`` / ``quarter``: every width and the vocabulary halved / quartered,
+    about 1/4 / 1/16 of the parameters, to calibrate on a small machine; ``--malloc``: see
+    :func:`measure`), for
 
     * ``fsdp``: FSDP2 on 2 gloo ranks (``torchrun``), bf16 compute, fp32 master weights, fp32
       gradient reduction, activation checkpointing (the ``--strategy fsdp --dtype bf16`` recipe);
@@ -89,6 +90,10 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+SCALED = {"half": 2, "quarter": 4}  # widths and vocabulary divided by this: ~1/4 and ~1/16 of the parameters
+WIDTHS = ("real", "half", "quarter", "tiny")
+
+
 def _config(width: str, llm_layers: int):
     from ..config import HiwinConfig
     from ..tiny import TINY_CONFIG, build_tokenizer
@@ -97,12 +102,13 @@ def _config(width: str, llm_layers: int):
     if width == "real":
         c = HiwinConfig()
         c = dataclasses.replace(c, llm={**c.llm, "num_hidden_layers": llm_layers})
-    elif width == "half":  # every width and the vocabulary halved, depths kept: ~1/4 of the parameters
-        d = dict(TINY_CONFIG, hidden_size=2048, intermediate_size=5504, num_attention_heads=16,
-                 num_key_value_heads=16, num_hidden_layers=llm_layers, vocab_size=16000, mm_hidden_size=512,
-                 hiwin_projector_num_heads=16,
-                 hiwin_vision_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=24,
-                                          num_attention_heads=8, image_size=336, patch_size=14,
+    elif width in SCALED:  # every width and the vocabulary divided, depths kept
+        k = SCALED[width]
+        d = dict(TINY_CONFIG, hidden_size=4096 // k, intermediate_size=11008 // k, num_attention_heads=32 // k,
+                 num_key_value_heads=32 // k, num_hidden_layers=llm_layers, vocab_size=32000 // k,
+                 mm_hidden_size=1024 // k, hiwin_projector_num_heads=32 // k,
+                 hiwin_vision_config=dict(hidden_size=1024 // k, intermediate_size=4096 // k, num_hidden_layers=24,
+                                          num_attention_heads=16 // k, image_size=336, patch_size=14,
                                           hidden_act="quick_gelu", layer_norm_eps=1e-5))
         c = HiwinConfig.from_dict(d)
     else:
@@ -236,11 +242,15 @@ def print_measurement(recs: list[dict]) -> None:
           f"torch {torch.__version__}, CPU, gloo; one generated page (overview only), AdamW; "
           f"glibc mmap threshold: {r0.get('malloc_mmap_threshold', 'glibc default')}")
     print(f"{'mode':34s} {'rank':>4s} {'params MiB':>10s} {'grads MiB':>10s} {'AdamW MiB':>10s} "
-          f"{'RSS imports':>11s} {'peak RSS MiB':>12s}")
+          f"{'RSS imports':>11s} {'peak RSS MiB':>12s} {'rest MiB':>8s}")
     label = {"fsdp": "FSDP2 bf16+ckpt, 2 ranks", "ddp": "DDP fp32 (1 rank of a 1-rank group)"}
     for r in recs:
+        state = (r["param_bytes"] + r["grad_bytes"] + r["optim_bytes"]) / 2**20
         print(f"{label[r['mode']]:34s} {r['rank']:4d} {r['param_bytes'] / 2**20:10.0f} {r['grad_bytes'] / 2**20:10.0f} "
-              f"{r['optim_bytes'] / 2**20:10.0f} {r['rss_imports_mib']:11.0f} {r['peak_rss_mib']:12.0f}")
+              f"{r['optim_bytes'] / 2**20:10.0f} {r['rss_imports_mib']:11.0f} {r['peak_rss_mib']:12.0f} "
+              f"{r['peak_rss_mib'] - state:8.0f}")
+    print("rest = peak RSS - (params + grads + AdamW): interpreter and libraries, gathered FSDP2 units, "
+          "activations")
     fsdp = max(r["peak_rss_mib"] for r in recs if r["mode"] == "fsdp")
     ddp = max(r["peak_rss_mib"] for r in recs if r["mode"] == "ddp")
     print(f"peak RSS per rank, FSDP2 / DDP: {fsdp:.0f} / {ddp:.0f} MiB = {fsdp / ddp:.2f}x")
@@ -253,8 +263,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world", type=int, default=8)
     p.add_argument("--lora-r", type=int, default=128)
     m = sub.add_parser("measure", help="per-rank peak RSS of one stage-2 step: FSDP2 (2 ranks) vs DDP")
-    m.add_argument("--width", choices=["real", "half", "tiny"], default="tiny",
-                   help="half: every width halved (~1/4 of the parameters), to calibrate on a small machine")
+    m.add_argument("--width", choices=WIDTHS, default="tiny",
+                   help="half / quarter: every width and the vocabulary halved / quartered (~1/4 / ~1/16 of the "
+                        "parameters), to calibrate on a small machine")
     m.add_argument("--llm-layers", type=int, default=2)
     m.add_argument("--steps", type=int, default=2)
     m.add_argument("--port", type=int, default=29533)
@@ -273,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--json", help="also write the per-mode records here")
     dw = sub.add_parser("device-worker", help=argparse.SUPPRESS)
     dw.add_argument("--mode", required=True)
-    dw.add_argument("--width", choices=["real", "half", "tiny"], required=True)
+    dw.add_argument("--width", choices=WIDTHS, required=True)
     dw.add_argument("--llm-layers", type=int, required=True)
     dw.add_argument("--lora-r", type=int, required=True)
     dw.add_argument("--device", required=True)
@@ -282,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     dw.add_argument("--out", required=True)
     w = sub.add_parser("worker", help=argparse.SUPPRESS)
     w.add_argument("--mode", choices=["fsdp", "ddp"], required=True)
-    w.add_argument("--width", choices=["real", "half", "tiny"], required=True)
+    w.add_argument("--width", choices=WIDTHS, required=True)
     w.add_argument("--llm-layers", type=int, required=True)
     w.add_argument("--data", required=True)
     w.add_argument("--steps", type=int, required=True)
