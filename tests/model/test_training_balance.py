@@ -48,11 +48,12 @@ def test_micro_batch_tokens_are_the_reference_bit_for_bit(model, train):
         assert torch.equal(a, b)
 
 
-def test_padding_makes_the_calls_and_changes_nothing(model):
+@pytest.mark.parametrize("pad_to", [(3, 4), (1, 3)], ids=["clip-and-crops", "crops-only"])
+def test_padding_makes_the_calls_and_changes_nothing(model, pad_to):
     """pad_to = (CLIP calls, crops) of a rank with more work: an overview-only image then makes
     exactly that many CLIP-block and projector calls (forward and backward), its tokens, the RNG
     state after the call and every parameter gradient stay as without padding, and the zero term
-    is exactly 0."""
+    is exactly 0. (crops-only: the dummy crops are cut from the image's own CLIP output.)"""
     model.train()
     crops = [_prepared(model, SIZES[:1])[0].crops]
     calls = {"clip": 0, "proj": 0, "clip_bw": 0, "proj_bw": 0}
@@ -82,13 +83,13 @@ def test_padding_makes_the_calls_and_changes_nothing(model):
         assert no_zero is None and calls == {"clip": 1, "proj": 1, "clip_bw": 1, "proj_bw": 1}
         for k in calls:
             calls[k] = 0
-        tokens, zero, rng, grads = run((3, 4))
+        tokens, zero, rng, grads = run(pad_to)
     finally:
         for h in handles:
             h.remove()
         model.zero_grad(set_to_none=True)
         model.eval()
-    assert calls == {"clip": 3, "proj": 4, "clip_bw": 3, "proj_bw": 4}
+    assert calls == {"clip": pad_to[0], "proj": pad_to[1], "clip_bw": pad_to[0], "proj_bw": pad_to[1]}
     assert zero.requires_grad and float(zero) == 0.0
     assert torch.equal(tokens, ref_tokens) and torch.equal(rng, ref_rng)
     assert grads.keys() == ref_grads.keys() and len(grads) > 0
