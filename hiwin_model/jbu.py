@@ -35,7 +35,18 @@ def adaptive_conv(hr_padded: Tensor, kernel: Tensor, diameter: int) -> Tensor:
     hr_padded: (B, C, H+d-1, W+d-1); kernel: (B, d*d, H, W). Accumulated in (at least) fp32, tap
     by tap, so
     peak memory is one output-sized buffer instead of a d*d-times unfold.
+
+    When a gradient is wanted the same loop runs inside :class:`_AdaptiveConv`, whose backward
+    recomputes each tap when it needs it: autograd through the loop would keep every tap, i.e. a
+    d*d = 49-fold fp32 copy of the map in bf16 (1.8 GB per crop at the released width's 4x level).
     """
+    if (torch.is_grad_enabled() and (hr_padded.requires_grad or kernel.requires_grad)
+            and not torch.compiler.is_compiling() and not torch.jit.is_tracing()):
+        return _AdaptiveConv.apply(hr_padded, kernel, diameter)
+    return _adaptive_conv_taps(hr_padded, kernel, diameter)
+
+
+def _adaptive_conv_taps(hr_padded: Tensor, kernel: Tensor, diameter: int) -> Tensor:
     B, C, Hp, Wp = hr_padded.shape
     H, W = Hp - diameter + 1, Wp - diameter + 1
     acc = torch.promote_types(hr_padded.dtype, torch.float32)  # at least fp32
@@ -46,6 +57,42 @@ def adaptive_conv(hr_padded: Tensor, kernel: Tensor, diameter: int) -> Tensor:
             tap = hr_padded[:, :, i:i + H, j:j + W].to(acc)
             out.addcmul_(tap, k[:, i * diameter + j: i * diameter + j + 1])
     return out.to(hr_padded.dtype)
+
+
+class _AdaptiveConv(torch.autograd.Function):
+    """:func:`adaptive_conv` with a tap-by-tap backward that saves only its two inputs.
+
+    Gradients (in at least fp32, cast back to each input's dtype):
+    ``d kernel[:, t] = sum_c g * tap_t`` and ``d hr_padded[window_t] += g * kernel[:, t]``, taps
+    visited last to first, which is the order in which autograd would run the loop's backward,
+    so in fp32 the gradients are those of autograd through the loop (tested); in bf16 the map's
+    gradient is accumulated in fp32 and rounded once instead of after every tap."""
+
+    @staticmethod
+    def forward(ctx, hr_padded: Tensor, kernel: Tensor, diameter: int) -> Tensor:
+        ctx.save_for_backward(hr_padded, kernel)
+        ctx.diameter = diameter
+        return _adaptive_conv_taps(hr_padded, kernel, diameter)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        hr_padded, kernel = ctx.saved_tensors
+        d = ctx.diameter
+        B, C, Hp, Wp = hr_padded.shape
+        H, W = Hp - d + 1, Wp - d + 1
+        acc = torch.promote_types(hr_padded.dtype, torch.float32)
+        g = grad.to(acc)
+        k = kernel.to(acc)
+        need_hr, need_k = ctx.needs_input_grad[:2]
+        d_hr = torch.zeros(B, C, Hp, Wp, dtype=acc, device=g.device) if need_hr else None
+        d_k = torch.empty(B, d * d, H, W, dtype=acc, device=g.device) if need_k else None
+        for t in reversed(range(d * d)):
+            i, j = divmod(t, d)
+            if need_k:
+                d_k[:, t:t + 1] = (g * hr_padded[:, :, i:i + H, j:j + W].to(acc)).sum(1, keepdim=True)
+            if need_hr:
+                d_hr[:, :, i:i + H, j:j + W] += g * k[:, t:t + 1]
+        return (d_hr.to(hr_padded.dtype) if need_hr else None, d_k.to(kernel.dtype) if need_k else None, None)
 
 
 CONV_IMPLS = ("taps", "tiled", "plugin")

@@ -74,17 +74,20 @@ class HiwinVision(nn.Module):
     def device(self) -> torch.device:
         return self.projector.proj.device
 
-    def stages(self, projector_impl: str | None = None, jbu_conv: str = "taps") -> Stages:
-        """ViT, JBU and projector as crop-chain stages (inputs moved to the model's device/dtype);
-        ``projector_impl`` overrides the projector's own form (parity pins ``"faithful"``), ``"any-grid"``
-        runs the form of the exported graph (:meth:`HiwinProjector.forward_any_grid`); ``jbu_conv``
-        picks the JBU's adaptive convolution (``"taps"``, the reference, ``"tiled"`` or ``"plugin"``,
-        :data:`hiwin_model.jbu.CONV_IMPLS`)."""
+    def stages(self, projector_impl: str | None = None, jbu_conv: str = "taps",
+               dtype: torch.dtype | None = None) -> Stages:
+        """ViT, JBU and projector as crop-chain stages (inputs moved to the model's device and to
+        ``dtype``, default the model's: FSDP2 training passes its compute dtype, the parameters being
+        sharded fp32 masters outside their unit's call); ``projector_impl`` overrides the projector's
+        own form (parity pins ``"faithful"``), ``"any-grid"`` runs the form of the exported graph
+        (:meth:`HiwinProjector.forward_any_grid`); ``jbu_conv`` picks the JBU's adaptive convolution
+        (``"taps"``, the reference, ``"tiled"`` or ``"plugin"``, :data:`hiwin_model.jbu.CONV_IMPLS`)."""
         def vit(pixels: Tensor) -> Tensor:
-            return self.vision_tower(torch.as_tensor(pixels).to(device=self.device, dtype=self.dtype))
+            return self.vision_tower(torch.as_tensor(pixels).to(device=self.device, dtype=dtype or self.dtype))
 
         def jbu(f1: Tensor, pixels: Tensor) -> tuple[Tensor, Tensor]:
-            return self.jbu(f1, torch.as_tensor(pixels).to(device=self.device, dtype=self.dtype), conv=jbu_conv)
+            px = torch.as_tensor(pixels).to(device=self.device, dtype=dtype or self.dtype)
+            return self.jbu(f1, px, conv=jbu_conv)
 
         def projector(bucket: tuple[int, int], f1: Tensor, f2: Tensor, f4: Tensor) -> Tensor:
             if projector_impl == "any-grid":

@@ -122,14 +122,18 @@ def _(input, boxes, batch_idx, output_h, output_w, spatial_scale, sampling_ratio
 
 
 def _setup_context(ctx, inputs, output):
-    ctx.save_for_backward(inputs[0], inputs[1], inputs[2])
+    # RoI-align is linear in its input: the backward needs the input's shape, not its values, so the
+    # input is not kept (the projector feeds it fp32 copies of its largest maps).
+    ctx.save_for_backward(inputs[1], inputs[2])
+    ctx.input_meta = (inputs[0].shape, inputs[0].dtype, inputs[0].device)
     ctx.args = inputs[3:]
 
 
 def _backward(ctx, grad):
-    input, boxes, batch_idx = ctx.saved_tensors
+    boxes, batch_idx = ctx.saved_tensors
+    shape, dtype, device = ctx.input_meta
     with torch.enable_grad():
-        x = input.detach().requires_grad_(True)
+        x = torch.zeros((), dtype=dtype, device=device).expand(shape).requires_grad_(True)  # no storage
         y = roi_align_reference(x, boxes, batch_idx, *ctx.args)
         (gx,) = torch.autograd.grad(y, x, grad)
     return gx, None, None, None, None, None, None, None

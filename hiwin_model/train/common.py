@@ -48,6 +48,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     device: torch.device = torch.device("cpu")
+    owns_group: bool = False  # setup_distributed created the process group: finish_distributed ends it
 
     @property
     def main(self) -> bool:
@@ -59,13 +60,24 @@ def setup_distributed(device: str | None = None) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    if world > 1 and not dist.is_initialized():
+    owns = world > 1 and not dist.is_initialized()
+    if owns:
         dist.init_process_group("nccl" if device == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     dev = torch.device(device, int(os.environ.get("LOCAL_RANK", "0"))) if device == "cuda" else torch.device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
-    return Dist(rank, world, dev)
+    return Dist(rank, world, dev, owns)
+
+
+def finish_distributed(d: Dist) -> None:
+    """After a successful run: wait for every rank (rank 0 may still be writing the output), then end
+    the process group :func:`setup_distributed` created. A rank that exits with its gloo group alive
+    can abort in the interpreter's teardown (gloo threads still holding tensors), which torchrun
+    reports as a failed run."""
+    if d.owns_group and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def wrap_ddp(module: nn.Module, d: Dist) -> nn.Module:
@@ -111,33 +123,59 @@ def conversation_turns(sample: dict) -> list[tuple[str, str]]:
     return turns
 
 
-def build_sequence(model, segments: list[tuple[str, bool]], visual: Tensor, max_length: int) -> tuple[Tensor, Tensor]:
-    """Rendered segments + visual tokens -> (embeds (L, C), labels (L,)), BOS first, truncated."""
-    proc = model.processor
-    emb = model.llm.get_input_embeddings()
-    parts: list[Tensor] = []
-    labels: list[Tensor] = []
-    dev = model.device
-
-    def add_ids(ids: list[int], supervised: bool) -> None:
-        t = torch.tensor(ids, dtype=torch.long, device=dev)
-        parts.append(emb(t))
-        labels.append(t if supervised else torch.full_like(t, IGNORE))
-
+def sequence_pieces(proc, segments: list[tuple[str, bool]]) -> list[tuple[list[int] | None, bool]]:
+    """Rendered segments -> the sequence's pieces in order: (token ids, supervised), BOS first, and
+    ``(None, False)`` where the image's visual tokens go."""
+    pieces: list[tuple[list[int] | None, bool]] = []
     if proc.ids.bos is not None:
-        add_ids([proc.ids.bos], False)
+        pieces.append(([proc.ids.bos], False))
     for text, supervised in segments:
         if IMAGE_PLACEHOLDER in text:
             before, after = text.split(IMAGE_PLACEHOLDER)
             if before:
-                add_ids(proc.encode_text(before), supervised)
-            parts.append(visual.to(model.dtype))
-            labels.append(torch.full((visual.shape[0],), IGNORE, dtype=torch.long, device=dev))
+                pieces.append((proc.encode_text(before), supervised))
+            pieces.append((None, False))
             if after:
-                add_ids(proc.encode_text(after), supervised)
+                pieces.append((proc.encode_text(after), supervised))
         elif text:
-            add_ids(proc.encode_text(text), supervised)
+            pieces.append((proc.encode_text(text), supervised))
+    return pieces
+
+
+def assemble_sequence(pieces: list[tuple[list[int] | None, bool]], embedded: list[Tensor], visual: Tensor,
+                      max_length: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """:func:`sequence_pieces` + the embeddings of its token pieces (in order) + visual tokens ->
+    (embeds (L, C), labels (L,)), truncated to ``max_length``."""
+    parts: list[Tensor] = []
+    labels: list[Tensor] = []
+    it = iter(embedded)
+    dev = visual.device
+    for ids, supervised in pieces:
+        if ids is None:
+            parts.append(visual.to(dtype))
+            labels.append(torch.full((visual.shape[0],), IGNORE, dtype=torch.long, device=dev))
+        else:
+            parts.append(next(it))
+            t = torch.tensor(ids, dtype=torch.long, device=dev)
+            labels.append(t if supervised else torch.full_like(t, IGNORE))
     return torch.cat(parts)[:max_length], torch.cat(labels)[:max_length]
+
+
+def embed_pieces(model, id_lists: list[list[int]]) -> list[Tensor]:
+    """Token embeddings of several id lists with ONE call of the embedding module (a sharded FSDP2
+    unit must run the same number of times on every rank), split back per list."""
+    if not id_lists:
+        return []
+    emb = model.llm.get_input_embeddings()
+    flat = torch.tensor([i for ids in id_lists for i in ids], dtype=torch.long, device=model.device)
+    return list(emb(flat).split([len(ids) for ids in id_lists]))
+
+
+def build_sequence(model, segments: list[tuple[str, bool]], visual: Tensor, max_length: int) -> tuple[Tensor, Tensor]:
+    """Rendered segments + visual tokens -> (embeds (L, C), labels (L,)), BOS first, truncated."""
+    pieces = sequence_pieces(model.processor, segments)
+    embedded = embed_pieces(model, [ids for ids, _ in pieces if ids is not None])
+    return assemble_sequence(pieces, embedded, visual, max_length, model.dtype)
 
 
 def pad_batch(seqs: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:

@@ -4,16 +4,18 @@ Strategies (``StageArgs.strategy`` / ``hiwin train --strategy``):
 
 * ``ddp``: every rank holds the whole model, its gradients and the optimizer state
   (:func:`.common.wrap_ddp`); right for models that fit one device several times over.
-* ``fsdp``: PyTorch's FSDP2 (:func:`torch.distributed.fsdp.fully_shard`). Each Llama decoder
-  layer is its own shard group (all-gathered just before it runs, freed right after), so is the
-  final norm with the LM head; the rest of the model (CLIP, JBU, projector, token embeddings) is the
-  root group (:func:`shard_blocks`
-  says why CLIP cannot be split per block). Parameters,
+* ``fsdp``: PyTorch's FSDP2 (:func:`torch.distributed.fsdp.fully_shard`). Each CLIP encoder
+  block, the projector, the token embeddings and each Llama decoder layer is its own shard group
+  (all-gathered just before it runs, freed right after; :func:`shard_blocks`), so is the final
+  norm with the LM head; what is left (CLIP's patch embeddings, the JBU: a few million
+  parameters) is the root group. Since a crop-dependent number of CLIP and projector calls would
+  pair one rank's collectives with another's, the training pads every rank to the same calls
+  (:mod:`.vision_batch`). Parameters,
   gradients and AdamW state are split over the ranks; the optimizer only ever sees the trainable
   shards. With ``compute_dtype=bf16`` the sharded parameters stay fp32 (the master weights the
   optimizer updates), are cast to bf16 when gathered, and gradients are reduced in fp32
   (:class:`~torch.distributed.fsdp.MixedPrecisionPolicy`). Activation checkpointing wraps each CLIP
-  and Llama block.
+  block, the JBU, the projector and each Llama layer (:func:`checkpoint_blocks`).
 * ``auto``: ``fsdp`` when there are several ranks and a DDP replica (:func:`ddp_bytes_per_rank`)
   would take more than half of one device's memory, else ``ddp``.
 
@@ -76,21 +78,134 @@ def choose_strategy(strategy: str, d: Dist, n_params: int, n_trainable: int) -> 
 
 # ---------------------------------------------------------------------------- FSDP2
 def checkpoint_blocks(model) -> list[nn.Module]:
-    """The units of activation checkpointing: the CLIP encoder blocks and the Llama decoder layers."""
-    return [*model.vision_tower.vision_model.encoder.layers, *model.llm.model.layers]
+    """The units of activation checkpointing: the CLIP encoder blocks, the JBU stack and the
+    projector (both called per crop: their 2x / 4x maps are the largest activations of the vision
+    path), and the Llama decoder layers. Each keeps only its inputs through the step and recomputes
+    the rest in its backward (with the RNG state of its forward: the same dropout masks)."""
+    return [*model.vision_tower.vision_model.encoder.layers, model.jbu, model.projector, *model.llm.model.layers]
 
 
 def shard_blocks(model) -> list[nn.Module]:
-    """The FSDP2 units below the root: the Llama decoder layers.
+    """The FSDP2 units below the root, each all-gathered just before each of its calls and
+    resharded right after (in backward: gathered again, gradients reduce-scattered per call):
 
-    A unit all-gathers its parameters at each forward call and reduce-scatters its gradients at each
-    backward, so every rank must call it the same number of times per step. The LLM runs once per
-    micro-batch on every rank, but the CLIP tower runs once per crop shape of the image (the slicing
-    decides: an overview plus 0-2 slice shapes), which differs between ranks; sharding its blocks
-    would pair one rank's collectives with another's and hang or corrupt the step. CLIP, the JBU and
-    the projector therefore belong to the root unit: sharded at rest like everything else, gathered
-    once per micro-batch (CLIP ViT-L: 0.3 B parameters, 0.6 GB in bf16) and reduced once."""
-    return list(model.llm.model.layers)
+    * each CLIP encoder block (called once per CLIP call: once per crop shape group);
+    * the projector (once per crop; a single unit because its attention weights and ``proj`` are
+      used as tensors inside its forward, not through sub-module calls, and FSDP2 gathers a unit
+      in a module's pre-forward hook);
+    * the token embeddings (once per micro-batch: the loss module embeds all its ids at once);
+    * each Llama decoder layer (once per micro-batch).
+
+    Correct only because every rank makes the same sequence of calls to these units in each
+    micro-batch, though images differ in crop shapes and counts: the training's vision path
+    (:func:`.vision_batch.encode_micro_batch`, with ``balance``) pads the CLIP and crop calls to the
+    ranks' maximum with zero-weighted dummy calls; its docstring states the invariant. What is left
+    in the root unit: the CLIP patch / position embeddings and pre-layer-norm, and the JBU stack
+    (2.3 M parameters at the released width), gathered for the whole step."""
+    return [*model.vision_tower.vision_model.encoder.layers, model.projector, model.llm.model.embed_tokens,
+            *model.llm.model.layers]
+
+
+def unit_sizes(model) -> dict[str, int]:
+    """Parameter counts of the FSDP2 units (:func:`shard_blocks`, the LM-head unit, the root) of a
+    model: ``root`` (0-d parameters excluded: they stay outside FSDP), ``head``, and the largest
+    ``vision_block``, ``projector``, ``embed`` and ``layer`` (Llama decoder layer)."""
+    def n(m) -> int:
+        return sum(p.numel() for p in m.parameters())
+
+    clip = list(model.vision_tower.vision_model.encoder.layers)
+    layers = list(model.llm.model.layers)
+    units = {id(p) for m in shard_blocks(model) for p in m.parameters()}
+    head = {id(p) for m in (model.llm.model.norm, model.llm.lm_head) for p in m.parameters()}
+    return {"root": sum(p.numel() for p in model.parameters() if id(p) not in units | head and p.dim() > 0),
+            "head": sum(p.numel() for p in model.parameters() if id(p) in head),
+            "vision_block": max(map(n, clip), default=0), "projector": n(model.projector),
+            "embed": n(model.llm.model.embed_tokens), "layer": max(map(n, layers), default=0),
+            "vision_blocks": len(clip), "layers": len(layers)}
+
+
+def _fsdp_comm_api():
+    """FSDP2's collective interfaces (``set_custom_all_gather`` / ``set_custom_reduce_scatter`` take
+    subclasses of these); None where this torch lacks them."""
+    try:
+        from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatter
+    except ImportError:
+        return None
+    return AllGather, ReduceScatter
+
+
+def _in_place_gloo_comms():
+    """FSDP2 all-gather and reduce-scatter for gloo (CPU) without gloo's full-size temporaries.
+
+    gloo's ``all_gather_into_tensor`` and ``reduce_scatter_tensor`` each allocate a scratch copy as
+    large as the whole unit (measured: +191 MiB for a 191 MiB buffer), on top of FSDP2's own
+    buffers: for a Llama layer at the released width, 0.4 GB per gather and 0.8 GB per reduction.
+    These do the same per shard, in place in FSDP2's buffers: the gather broadcasts shard ``i``
+    from rank ``i`` into slice ``i`` of the output, the reduction sums slice ``i`` of the input
+    onto rank ``i`` (gloo ``reduce``; FSDP2 never reads its reduction input afterwards) and takes the
+    mean (FSDP2's ``AVG`` for fp32 gradients) or the sum. Synchronous, like gloo on the CPU, so the
+    reduction input's memory is released as soon as the reduction returns: FSDP2 keeps a reference
+    to it until the next unit's reduction (so that a CUDA stream still reading it is never
+    overwritten), which on the CPU would only hold a unit-sized fp32 buffer (0.8 GB for a Llama
+    layer) through the next unit's backward."""
+    api = _fsdp_comm_api()
+    if api is None:
+        return None
+    AllGather, ReduceScatter = api
+
+    class _Alloc:
+        def allocate(self, size, *, dtype, device):
+            return torch.empty(*size, dtype=dtype, device=device)
+
+    class InPlaceAllGather(_Alloc, AllGather):
+        def __call__(self, output_tensor, input_tensor, group, async_op=False):
+            world, rank = group.size(), group.rank()
+            parts = output_tensor.view(world, -1)
+            if parts[rank].data_ptr() != input_tensor.data_ptr():
+                parts[rank].copy_(input_tensor.view(-1))
+            for i in range(world):
+                dist.broadcast(parts[i], src=dist.get_global_rank(group, i), group=group)
+            return None
+
+    class InPlaceReduceScatter(_Alloc, ReduceScatter):
+        def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+            world, rank = group.size(), group.rank()
+            if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
+                raise NotImplementedError(f"in-place gloo reduce-scatter supports SUM and AVG, not {op}")
+            parts = input_tensor.view(world, -1)
+            for i in range(world):
+                dist.reduce(parts[i], dst=dist.get_global_rank(group, i), op=dist.ReduceOp.SUM, group=group)
+            out = output_tensor.view(-1)
+            out.copy_(parts[rank])
+            if op == dist.ReduceOp.AVG:
+                out.div_(world)
+            input_tensor.untyped_storage().resize_(0)  # consumed (see above)
+            return None
+
+    return InPlaceAllGather(), InPlaceReduceScatter()
+
+
+def use_in_place_gloo_comms(root: nn.Module) -> bool:
+    """Give every FSDP2 module under ``root`` the in-place gloo collectives (:func:`_in_place_gloo_comms`)
+    when the default process group is gloo with several ranks. Returns whether it did."""
+    if not dist.is_initialized() or dist.get_world_size() == 1 or dist.get_backend() != "gloo":
+        return False
+    from torch.distributed.fsdp import FSDPModule
+
+    comms = _in_place_gloo_comms()
+    if comms is None:
+        log.warning("this torch has no FSDP2 custom collectives: gloo's all-gather / reduce-scatter keep their "
+                    "full-size scratch copies (more memory per rank, same results)")
+        return False
+    for m in root.modules():
+        if isinstance(m, FSDPModule):
+            m.set_custom_all_gather(comms[0])
+            m.set_custom_reduce_scatter(comms[1])
+            # No backward prefetch: gloo's collectives run synchronously here, so gathering the next
+            # unit early overlaps nothing and only holds its weights longer. (An explicit prefetch
+            # list replaces FSDP2's default; prefetching the unit itself, already gathered, is a no-op.)
+            m.set_modules_to_backward_prefetch([m])
+    return True
 
 
 def apply_fsdp(root: nn.Module, model, *, compute_dtype: torch.dtype = torch.float32,
@@ -124,6 +239,7 @@ def apply_fsdp(root: nn.Module, model, *, compute_dtype: torch.dtype = torch.flo
     # them right away.
     fully_shard([model.llm.model.norm, model.llm.lm_head], mp_policy=mp, reshard_after_forward=False)
     fully_shard(root, mp_policy=mp, reshard_after_forward=reshard_after_forward, ignored_params=scalars)
+    use_in_place_gloo_comms(root)
     return root
 
 

@@ -25,14 +25,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from ..checkpoint import official_state_dict, to_official
 from ..conversation import get_template
+from ..layout import layout_image_tokens
 from ..model import HiwinForCausalLM, parse_dtype
-from .common import (Dist, LoopConfig, atomic_torch_save, build_sequence, conversation_turns, cosine_with_warmup,
-                     global_batches, load_trainer_state, micro_batch_seed, micro_batches, pad_batch, read_json_list,
-                     run_loop, setup_distributed, trainer_state, wrap_ddp)
+from .common import (Dist, LoopConfig, assemble_sequence, atomic_torch_save, conversation_turns, cosine_with_warmup,
+                     embed_pieces, finish_distributed, global_batches, load_trainer_state, micro_batch_seed,
+                     micro_batches, pad_batch, read_json_list, run_loop, sequence_pieces, setup_distributed,
+                     trainer_state, wrap_ddp)
 from .lora import LoraSpec
 
 log = logging.getLogger("hiwin.train")
@@ -90,7 +93,15 @@ def trainable_parameters(model: HiwinForCausalLM, stage: int) -> list[nn.Paramet
 
 
 class _LossModule(nn.Module):
-    """forward(samples) -> mean token loss; the unit DDP wraps."""
+    """forward(samples) -> mean token loss of one micro-batch; the unit DDP wraps and the FSDP2 root.
+
+    The order of module calls is fixed (:mod:`.vision_batch` says why it matters to FSDP2): one call
+    of the token embedding for every token id of the micro-batch (text and the layout's separators),
+    then the vision path of all its images (:func:`.vision_batch.encode_micro_batch`), then the
+    LLM. ``balance`` (set for FSDP2 on several ranks) pads the vision calls to the ranks' maximum."""
+
+    balance: bool = False
+    compute_dtype: torch.dtype | None = None  # FSDP2: the gathered parameters' dtype (default: the model's)
 
     def __init__(self, model: HiwinForCausalLM, stage: int, image_folder: Path, max_slices: int, max_length: int):
         super().__init__()
@@ -100,15 +111,12 @@ class _LossModule(nn.Module):
         self.max_length = max_length
         self.template = get_template("plain" if stage == 1 else "vicuna_v1")
 
-    def sequence(self, sample: dict):
-        m = self.model
-        prepared = m.processor.prepare_image(self.folder / sample["image"], max_slices=self.max_slices)
-        visual = m.layout(prepared, m.encode_prepared(prepared))
+    def pieces(self, sample: dict):
         turns = conversation_turns(sample)
         if self.stage == 1:
             turns = [("<image>", turns[0][1])]
-        eos = m.processor.tokenizer.eos_token or "</s>"
-        return build_sequence(m, self.template.segments(list(turns), eos), visual, self.max_length)
+        eos = self.model.processor.tokenizer.eos_token or "</s>"
+        return sequence_pieces(self.model.processor, self.template.segments(list(turns), eos))
 
     autocast: torch.dtype | None = None  # LoRA on a bf16 base: fp32 trainables, bf16 compute
 
@@ -119,8 +127,27 @@ class _LossModule(nn.Module):
         return self._loss(samples)
 
     def _loss(self, samples: list[dict]) -> torch.Tensor:
-        embeds, mask, labels = pad_batch([self.sequence(s) for s in samples])
-        return self.model.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
+        from .vision_batch import encode_micro_batch
+
+        m = self.model
+        prepared = [m.processor.prepare_image(self.folder / s["image"], max_slices=self.max_slices) for s in samples]
+        pieces = [self.pieces(s) for s in samples]
+        ids = m.processor.ids
+        token_lists = [t for p in pieces for t, _ in p if t is not None]
+        embedded = embed_pieces(m, token_lists + [[ids.newline, ids.comma]])
+        nl, comma = embedded.pop()
+        dtype = self.compute_dtype or m.dtype
+        crops, zero = encode_micro_batch(m, [p.crops for p in prepared], dtype=dtype,
+                                         balance=self.balance and dist.is_initialized() and dist.get_world_size() > 1)
+        seqs = []
+        for prep, piece, tokens in zip(prepared, pieces, crops):
+            visual = layout_image_tokens(tokens, prep.grid, nl, comma)
+            n = sum(t is not None for t, _ in piece)
+            seqs.append(assemble_sequence(piece, embedded[:n], visual, self.max_length, dtype))
+            del embedded[:n]
+        embeds, mask, labels = pad_batch(seqs)
+        loss = self.model.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
+        return loss if zero is None else loss + zero.to(loss.dtype)
 
 
 def _load_fsdp(args: StageArgs, d: Dist, compute_dtype: torch.dtype):
@@ -147,6 +174,8 @@ def _load_fsdp(args: StageArgs, d: Dist, compute_dtype: torch.dtype):
     root = _LossModule(model, args.stage, Path(args.image_folder), args.max_slices, args.max_length)
     ac = True if args.activation_checkpointing is None else args.activation_checkpointing
     apply_fsdp(root, model, compute_dtype=compute_dtype, activation_checkpointing=ac)
+    root.balance = True  # equal FSDP unit calls on every rank (vision_batch)
+    root.compute_dtype = compute_dtype
     root.to_empty(device=d.device)
     broadcast_into_sharded(model, full)
     del full
@@ -215,7 +244,9 @@ def train_stage(args: StageArgs) -> list[float]:
         dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
                                 world_size=1)
     try:
-        return _train(args, d, data, dtype, strategy)
+        losses = _train(args, d, data, dtype, strategy)
+        finish_distributed(d)
+        return losses
     finally:
         if own_group:
             dist.destroy_process_group()

@@ -81,13 +81,20 @@ def llm_activation_bytes_per_token(llm: dict) -> int:
 
 
 def _unit_counts(model) -> dict[str, int]:
-    """Parameter counts of the FSDP2 units (distributed.apply_fsdp): root, LM-head unit, one layer."""
-    layers = list(model.llm.model.layers)
-    in_layers = {id(p) for layer in layers for p in layer.parameters()}
-    head = {id(p) for m in (model.llm.model.norm, model.llm.lm_head) for p in m.parameters()}
-    root = sum(p.numel() for p in model.parameters() if id(p) not in in_layers | head and p.dim() > 0)
-    return {"root": root, "head": sum(p.numel() for p in model.parameters() if id(p) in head),
-            "layer": sum(p.numel() for p in layers[0].parameters()) if layers else 0}
+    """Parameter counts of the FSDP2 units (distributed.unit_sizes)."""
+    from .distributed import unit_sizes
+
+    return unit_sizes(model)
+
+
+def gathered_unit_bytes(units: dict[str, int]) -> int:
+    """The plan's bytes of gathered FSDP2 units at the worst moment of backward (the world size does
+    not enter): the root unit's bf16 weights, bf16 gradients and fp32 reduce-scatter input (2 + 2 +
+    4 B per parameter: gathered for the whole step), plus 10 B per parameter of the largest unit:
+    its bf16 weights and gradients (2 + 2), the fp32 reduce-scatter input FSDP2 keeps of the unit
+    reduced before it (4: it is released at the next reduction) and the next unit prefetched (2)."""
+    largest = max(units[k] for k in ("head", "vision_block", "projector", "embed", "layer"))
+    return 8 * units["root"] + 10 * largest
 
 
 def predict(mode: str, n_trainable: int, n_frozen: int, units: dict[str, int], llm: dict, tokens: int) -> dict:
@@ -97,8 +104,8 @@ def predict(mode: str, n_trainable: int, n_frozen: int, units: dict[str, int], l
         arith = "2 B x frozen + 16 B x trained"
     else:  # FSDP2 state (fp32 master + grads + AdamW; frozen: fp32 master only) + the gathered units
         state = 4 * n_frozen + 16 * n_trainable
-        gathered = 8 * units["root"] + 8 * units["head"] + 2 * units["layer"] * 2
-        arith = "16 B x trained + 4 B x frozen (1 rank) + root x 8 B + LM-head unit x 8 B + 2 layers x 2 B"
+        gathered = gathered_unit_bytes(units)
+        arith = "16 B x trained + 4 B x frozen (1 rank) + root unit x 8 B + largest unit x 10 B"
     act = llm_activation_bytes_per_token(llm) * tokens
     return {"state_bytes": state, "gathered_bytes": gathered, "llm_activation_bytes": act,
             "peak_bytes": state + gathered + act, "arithmetic": arith + " + LLM activations per token "
@@ -233,6 +240,8 @@ def worker(mode: str, width: str, llm_layers: int, lora_r: int, device: str, dat
                                     world_size=1)
             group = True
         apply_fsdp(root, model, compute_dtype=torch.bfloat16, activation_checkpointing=True)
+        root.balance = True
+        root.compute_dtype = torch.bfloat16
     else:
         root.autocast = torch.bfloat16
     root.to_empty(device=dev)

@@ -31,7 +31,8 @@ from ..config import HiwinConfig
 from ..image import load_image
 from ..jbu import JBUStack
 from ..vision import VisionTower
-from .common import LoopConfig, atomic_torch_save, run_loop, sample_stream, setup_distributed, wrap_ddp
+from .common import (LoopConfig, atomic_torch_save, finish_distributed, run_loop, sample_stream,
+                     setup_distributed, wrap_ddp)
 
 log = logging.getLogger("hiwin.train")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -279,5 +280,7 @@ def train_stage0(args: Stage0Args) -> list[float]:
                            "optimizer_states": [opt.state_dict()]}, ckpt)
         log.info("saved step %d to %s", step, ckpt)
 
-    return run_loop(step_fn, params, opt, None, LoopConfig(args.steps, args.log_every, args.save_every,
-                                                           deterministic=args.deterministic), start, save, d)
+    losses = run_loop(step_fn, params, opt, None, LoopConfig(args.steps, args.log_every, args.save_every,
+                                                             deterministic=args.deterministic), start, save, d)
+    finish_distributed(d)
+    return losses

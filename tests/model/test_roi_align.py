@@ -111,6 +111,24 @@ def test_gradient():
     assert torch.autograd.gradcheck(lambda x: roi_align(x, boxes, (2, 3)), (inp,))
 
 
+def test_backward_keeps_no_copy_of_the_input():
+    """RoI-align is linear: the op saves only boxes and indices (not the map, which the projector passes
+    as an fp32 copy of its 4x features), and its gradient is autograd's through the eager maths bit
+    for bit."""
+    from hiwin_model.roi_align import roi_align_reference
+
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 3, 23, 17, generator=g, requires_grad=True)
+    boxes = torch.tensor([[0.0, 0.0, 10.5, 7.2], [3.0, 4.0, 17.0, 23.0], [1.2, 0.3, 5.0, 5.0]])
+    idx = torch.tensor([0, 1, 1])
+    y = roi_align(x, boxes, (3, 2), batch_idx=idx)
+    assert all(t.numel() < x.numel() for t in y.grad_fn.saved_tensors)
+    grad = torch.randn(y.shape, generator=g)
+    (got,) = torch.autograd.grad(y, x, grad)
+    (want,) = torch.autograd.grad(roi_align_reference(x, boxes, idx, 3, 2), x, grad)
+    assert torch.equal(got, want)
+
+
 def test_is_a_registered_custom_op_and_exports():
     assert hasattr(torch.ops.hiwin, "roi_align")
 

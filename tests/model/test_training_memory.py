@@ -73,7 +73,11 @@ def test_measured_bytes_match_the_plan_arithmetic(device, page, tmp_path):
     assert full["frozen_param_bytes"] == 4 * (f - scalars) + 2 * scalars  # the 0-d JBU scalars in bf16
     assert full["grad_bytes"] == 4 * t and full["optim_bytes"] == 8 * t
     assert full["ratio_state"] == pytest.approx(1.0, rel=1e-4)
-    assert full["units"]["root"] + full["units"]["head"] + layers * full["units"]["layer"] == n - scalars
+    u = full["units"]  # every parameter in exactly one FSDP2 unit (the 0-d JBU scalars stay outside)
+    assert u["layers"] == layers and u["vision_blocks"] == 2
+    assert (u["root"] + u["head"] + u["vision_blocks"] * u["vision_block"] + u["projector"] + u["embed"]
+            + layers * u["layer"]) == n - scalars
+    assert u["root"] < u["projector"] / 4  # CLIP blocks, projector, embeddings are no longer in the root
 
     for r in (lora, full):
         assert r["crops"] == 7  # 1008x672: 3x2 slices + the overview
