@@ -275,13 +275,22 @@ def write_split(out: str | Path, n: int, split_seed: int = TRAIN_SEED, *, captio
         for j, (_, q, a) in enumerate(qa):
             conv.append({"from": "human", "value": ("<image>\n" + q) if j == 0 else q})
             conv.append({"from": "gpt", "value": a})
-        sft.append({"id": str(it.index), "image": name, "conversations": conv})
+        # "attributes": what was drawn, for the demo recipe's auxiliary loss (train/demo_aux.py)
+        sft.append({"id": str(it.index), "image": name, "conversations": conv, "attributes": attributes(it)})
         pre.append({"id": str(it.index), "image": name, "conversations": [
             {"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(it)}]})
     (out / "sft.json").write_text(json.dumps(sft))
     if captions:
         (out / "pretrain.json").write_text(json.dumps(pre))
     return out
+
+
+def attributes(it: Item) -> dict:
+    """What an image shows, as JSON: ``{"kind": "scene", "objects": [[shape, colour], ...]}`` (left
+    to right) or ``{"kind": "doc", "word": ..., "colour": ...}``."""
+    if it.kind == "scene":
+        return {"kind": "scene", "objects": [list(o) for o in it.spec]}
+    return {"kind": "doc", "word": it.spec[0], "colour": it.spec[1]}
 
 
 def caption(it: Item) -> str:
