@@ -12,8 +12,11 @@ command again; stage 2 also saves every ``save_every`` steps and resumes from it
    gives the JBU a start; the up-sampler keeps training nowhere else, as in the release), then the
    JBU is loaded into the model, written to ``OUT/stage0/model``.
 4. ``OUT/stage1``: the projector alone, overview only, ``plain`` template, on captions.
-5. ``OUT/stage2``: LLM + projector + CLIP + the JBU's ``fixup_proj`` on the questions, with slices
-   (max 7), ``vicuna_v1`` template: where the task is learnt.
+5. ``OUT/vision`` (demo-only): CLIP + projector + the JBU's ``fixup_proj`` on the per-window
+   attribute loss of :mod:`.demo_aux` alone, overview only (a vision warm-up that makes the visual
+   tokens depend on the image; the loss's linear head is kept beside the model, never in it).
+6. ``OUT/stage2``: LLM + projector + CLIP + the JBU's ``fixup_proj`` on the questions, with slices
+   (max 7), ``vicuna_v1`` template, plus the attribute loss (``aux_weight``): where the task is learnt.
 
 The learning rates are those of a from-scratch model (1e-3), not the released fine-tuning ones.
 Stage 2 trains with ``projector_impl="fast"`` (the same function, fewer FLOPs; the saved weights

@@ -9,7 +9,9 @@ the generated image's own pixels and its spec (:mod:`hiwin_model.demo_task`):
 
 * the colour under the window (background or one of the four colours),
 * the kind of object it belongs to (background, square, circle, triangle, text),
-* the word, for text windows (none or one of the six words).
+* the letter, for text windows (none or one of the 15 letters of the six words): local enough
+  for a tiny tower to learn (the whole word, asked of every window, is not), and one letter of
+  each word is unique to it.
 
 It is used twice by ``hiwin train demo``: alone in a short vision warm-up on the overview
 (:func:`train_vision_warmup`, before stage 2), then added to the stage-2 language loss. The head is
@@ -30,7 +32,14 @@ from torch import Tensor, nn
 log = logging.getLogger("hiwin.train")
 
 HEAD_FILE = "aux_head.pt"  # the warm-up's head, beside (never inside) the model it writes
-N_COLOUR, N_KIND, N_WORD = 5, 5, 7  # each with class 0 = background / none
+def _letters() -> tuple[str, ...]:
+    from .. import demo_task as task
+
+    return tuple(sorted(set("".join(task.WORDS))))
+
+
+LETTERS = _letters()
+N_COLOUR, N_KIND, N_LETTER = 5, 5, 1 + len(LETTERS)  # each with class 0 = background / none
 KINDS = ("background", "square", "circle", "triangle", "text")
 _MAX_DIST2 = 70.0 ** 2  # a pixel within this RGB distance of a task colour has that colour
 _MIN_FRACTION = 0.04  # a window is labelled with its most frequent colour when it covers >= 4 %
@@ -45,27 +54,47 @@ def pixel_colours(rgb: np.ndarray) -> np.ndarray:
     return np.where(d.min(-1) < _MAX_DIST2, d.argmin(-1) + 1, 0)
 
 
-def window_targets(rgb: np.ndarray, attrs: dict, grid: int = 12) -> np.ndarray:
-    """(grid*grid, 3) int64 targets (colour, kind, word) of a crop's windows, row-major like the
-    projector's uniform window partition."""
+def window_targets(rgb: np.ndarray, attrs: dict, grid: int = 12, image_x=None) -> np.ndarray:
+    """(grid*grid, 3) int64 targets (colour, kind, letter) of a crop's windows, row-major like the
+    projector's uniform window partition. ``image_x`` (W,): the image x of each crop column (for the
+    letters of a document; default: the crop is the image)."""
     from .. import demo_task as task
 
     cls = pixel_colours(rgb)
     H, W = cls.shape
     ys = np.linspace(0, H, grid + 1).round().astype(int)
     xs = np.linspace(0, W, grid + 1).round().astype(int)
+    windows = [(slice(ys[i], ys[i + 1]), slice(xs[j], xs[j + 1])) for i in range(grid) for j in range(grid)]
     onehot = np.eye(N_COLOUR, dtype=np.float32)[cls]
-    frac = np.stack([onehot[ys[i]:ys[i + 1], xs[j]:xs[j + 1]].mean((0, 1)) for i in range(grid) for j in range(grid)])
+    frac = np.stack([onehot[w].mean((0, 1)) for w in windows])
     colour = np.where(frac[:, 1:].max(1) >= _MIN_FRACTION, frac[:, 1:].argmax(1) + 1, 0)
     names = list(task.COLOURS)
+    letter = np.zeros_like(colour)
     if attrs["kind"] == "scene":
         kind_of = {names.index(c) + 1: task.SHAPES.index(s) + 1 for s, c in attrs["objects"]}
         kind = np.array([kind_of.get(int(c), 0) for c in colour])
-        word = np.zeros_like(colour)
     else:
         kind = np.where(colour > 0, KINDS.index("text"), 0)
-        word = np.where(colour > 0, task.WORDS.index(attrs["word"]) + 1, 0)
-    return np.stack([colour, kind, word], axis=1).astype(np.int64)
+        word = attrs["word"]
+        x = np.arange(W) + 0.5 if image_x is None else np.asarray(image_x)
+        col_letter = np.searchsorted(np.asarray(attrs["letter_edges"], dtype=np.float64), x)  # (W,) index in word
+        ink = cls == names.index(attrs["colour"]) + 1
+        per_pixel = np.where(ink, col_letter[None, :] + 1, 0)
+        for n, w in enumerate(windows):
+            if colour[n]:
+                counts = np.bincount(per_pixel[w].reshape(-1), minlength=len(word) + 1)[1:]
+                if counts.any():
+                    letter[n] = LETTERS.index(word[int(counts.argmax())]) + 1
+    return np.stack([colour, kind, letter], axis=1).astype(np.int64)
+
+
+def crop_image_x(plan, index: int) -> np.ndarray:
+    """Image x of every column of crop ``index`` (slices row-major, then the overview) of a slice plan."""
+    W = plan.image_size[0]
+    if index < plan.num_slices:
+        left, _, right, _ = plan.boxes[index]
+        return (np.arange(left, right) + 0.5) * W / plan.refined_size[0]
+    return (np.arange(plan.overview_size[0]) + 0.5) * W / plan.overview_size[0]
 
 
 def crop_rgb(crop: np.ndarray, mean, std) -> np.ndarray:
@@ -75,20 +104,21 @@ def crop_rgb(crop: np.ndarray, mean, std) -> np.ndarray:
 
 
 class WindowAttributeHead(nn.Module):
-    """Linear head on visual tokens -> colour / kind / word logits; ``loss`` is the mean of the three
+    """Linear head on visual tokens -> colour / kind / letter logits; ``loss`` is the mean of the three
     cross-entropies over every window of every crop, times ``weight``."""
 
     def __init__(self, dim: int, weight: float = 1.0):
         super().__init__()
         self.weight = weight
-        self.linear = nn.Linear(dim, N_COLOUR + N_KIND + N_WORD)
+        self.linear = nn.Linear(dim, N_COLOUR + N_KIND + N_LETTER)
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.linear(tokens)
 
     def targets(self, prepared, attrs: dict, mean, std, grid: int) -> Tensor:
-        return torch.from_numpy(np.concatenate([window_targets(crop_rgb(c, mean, std), attrs, grid)
-                                                for c in prepared.crops]))
+        return torch.from_numpy(np.concatenate([
+            window_targets(crop_rgb(c, mean, std), attrs, grid, crop_image_x(prepared.plan, i))
+            for i, c in enumerate(prepared.crops)]))
 
     def loss(self, sample: dict, prepared, crop_tokens: Tensor, slicing) -> Tensor:
         """``crop_tokens`` (n, Q, C): the projector's output for ``prepared``'s crops, in crop order."""

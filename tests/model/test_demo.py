@@ -124,7 +124,7 @@ def test_attribute_targets_follow_what_was_drawn():
         overview = apply_plan(img, prepared.plan).overview
         rgb = aux.crop_rgb(prepared.crops[-1], proc.slicing.mean, proc.slicing.std)
         assert np.abs(rgb - np.asarray(overview, dtype=np.float32)).max() < 1.0  # un-normalised crop == pixels
-        t = aux.window_targets(rgb, attrs)
+        t = aux.window_targets(rgb, attrs, image_x=aux.crop_image_x(prepared.plan, len(prepared.crops) - 1))
         assert t.shape == (144, 3)
         fg = t[:, 0] > 0
         assert 0 < fg.sum() < 144
@@ -137,7 +137,14 @@ def test_attribute_targets_follow_what_was_drawn():
         else:
             docs += 1
             assert set(t[fg, 0]) == {colours.index(it.spec[1]) + 1}
-            assert set(t[fg, 1]) == {aux.KINDS.index("text")} and set(t[fg, 2]) == {task.WORDS.index(it.spec[0]) + 1}
+            assert set(t[fg, 1]) == {aux.KINDS.index("text")}
+            # letters in reading order across the windows' columns: the word itself
+            cols = {}
+            for n in np.flatnonzero(t[:, 2]):
+                cols.setdefault(n % 12, []).append(aux.LETTERS[t[n, 2] - 1])
+            seq = [max(set(v), key=v.count) for _, v in sorted(cols.items())]
+            read = "".join(c for i, c in enumerate(seq) if i == 0 or c != seq[i - 1])
+            assert read == "".join(c for i, c in enumerate(it.spec[0]) if i == 0 or c != it.spec[0][i - 1]), read
         assert not t[~fg].any()
     assert scenes and docs
     head = aux.WindowAttributeHead(128, weight=0.5)
