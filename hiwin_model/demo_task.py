@@ -121,6 +121,19 @@ def draw_scene(size: tuple[int, int], objects, seed: int) -> Image.Image:
 
 def draw_document(size: tuple[int, int], word: str, colour: str, seed: int) -> Image.Image:
     """A ruled page with one word in large type, placed at random."""
+    img, _ = _document(size, word, colour, seed)
+    return img
+
+
+def letter_edges(size: tuple[int, int], word: str, colour: str, seed: int) -> list[float]:
+    """x of the boundaries between the letters of :func:`draw_document`'s word (its advance
+    positions, in image pixels): letter ``k`` covers the ink between edge ``k - 1`` and edge ``k``."""
+    img, (font, x, _) = _document(size, word, colour, seed)
+    d = ImageDraw.Draw(img)
+    return [float(x + d.textlength(word[:k], font=font)) for k in range(1, len(word))]
+
+
+def _document(size, word, colour, seed):
     rng = random.Random(seed)
     w, h = size
     img = Image.new("RGB", (w, h), (250, 250, 244))
@@ -140,7 +153,7 @@ def draw_document(size: tuple[int, int], word: str, colour: str, seed: int) -> I
     x = rng.randrange(mx + 2, max(mx + 3, w - tw - 4)) - x0
     y = rng.randrange(4, max(5, h - th - 4)) - y0
     d.text((x, y), word, fill=COLOURS[colour], font=font)
-    return img
+    return img, (font, x, y)
 
 
 def make_item(index: int, split_seed: int) -> Item:
@@ -275,13 +288,23 @@ def write_split(out: str | Path, n: int, split_seed: int = TRAIN_SEED, *, captio
         for j, (_, q, a) in enumerate(qa):
             conv.append({"from": "human", "value": ("<image>\n" + q) if j == 0 else q})
             conv.append({"from": "gpt", "value": a})
-        sft.append({"id": str(it.index), "image": name, "conversations": conv})
+        # "attributes": what was drawn, for the demo recipe's auxiliary loss (train/demo_aux.py)
+        sft.append({"id": str(it.index), "image": name, "conversations": conv, "attributes": attributes(it)})
         pre.append({"id": str(it.index), "image": name, "conversations": [
             {"from": "human", "value": "<image>"}, {"from": "gpt", "value": caption(it)}]})
     (out / "sft.json").write_text(json.dumps(sft))
     if captions:
         (out / "pretrain.json").write_text(json.dumps(pre))
     return out
+
+
+def attributes(it: Item) -> dict:
+    """What an image shows, as JSON: ``{"kind": "scene", "objects": [[shape, colour], ...]}`` (left
+    to right) or ``{"kind": "doc", "word": ..., "colour": ..., "letter_edges": [x, ...]}``."""
+    if it.kind == "scene":
+        return {"kind": "scene", "objects": [list(o) for o in it.spec]}
+    return {"kind": "doc", "word": it.spec[0], "colour": it.spec[1],
+            "letter_edges": [round(e, 2) for e in letter_edges(it.size, *it.spec, it.seed)]}
 
 
 def caption(it: Item) -> str:

@@ -12,8 +12,11 @@ command again; stage 2 also saves every ``save_every`` steps and resumes from it
    gives the JBU a start; the up-sampler keeps training nowhere else, as in the release), then the
    JBU is loaded into the model, written to ``OUT/stage0/model``.
 4. ``OUT/stage1``: the projector alone, overview only, ``plain`` template, on captions.
-5. ``OUT/stage2``: LLM + projector + CLIP + the JBU's ``fixup_proj`` on the questions, with slices
-   (max 7), ``vicuna_v1`` template: where the task is learnt.
+5. ``OUT/vision`` (demo-only): CLIP + projector + the JBU's ``fixup_proj`` on the per-window
+   attribute loss of :mod:`.demo_aux` alone, overview only (a vision warm-up that makes the visual
+   tokens depend on the image; the loss's linear head is kept beside the model, never in it).
+6. ``OUT/stage2``: LLM + projector + CLIP + the JBU's ``fixup_proj`` on the questions, with slices
+   (max 7), ``vicuna_v1`` template, plus the attribute loss (``aux_weight``): where the task is learnt.
 
 The learning rates are those of a from-scratch model (1e-3), not the released fine-tuning ones.
 Stage 2 trains with ``projector_impl="fast"`` (the same function, fewer FLOPs; the saved weights
@@ -41,6 +44,10 @@ class DemoRecipe:
     stage1_steps: int = 60
     stage1_batch: int = 4
     stage1_lr: float = 1e-3
+    vision_steps: int = 300  # demo-only vision warm-up (attribute loss, overview only), train/demo_aux.py
+    vision_batch: int = 4
+    vision_lr: float = 3e-3
+    aux_weight: float = 1.0  # the attribute loss added to stage 2's language loss (0: none)
     stage2_steps: int = 1000
     stage2_batch: int = 2
     stage2_lr: float = 2e-3
@@ -76,6 +83,10 @@ def train_demo(out: str | Path, recipe: DemoRecipe = DemoRecipe(), device: str |
     from .stage0 import CKPT_NAME, Stage0Args, train_stage0
 
     from .common import setup_distributed
+    import torch
+
+    from ..config import HiwinConfig
+    from .demo_aux import HEAD_FILE, WindowAttributeHead, train_vision_warmup
 
     d = setup_distributed(device)  # under torchrun: every stage runs data-parallel
     out = Path(out)
@@ -129,16 +140,35 @@ def train_demo(out: str | Path, recipe: DemoRecipe = DemoRecipe(), device: str |
         _barrier(d)
         times["stage1"] = time.perf_counter() - t
 
+    vis = out / "vision"
+    if r.vision_steps and not _done(vis):
+        t = time.perf_counter()
+        train_vision_warmup(s0 / "model", data / "sft.json", data / "images", vis, steps=r.vision_steps,
+                            batch_size=r.vision_batch, lr=r.vision_lr, seed=r.seed,
+                            projector_weights=str(s1 / "mm_projector.bin"), log_every=r.log_every, device=device)
+        _barrier(d)
+        if d.main:
+            _mark(vis, {"steps": r.vision_steps})
+        _barrier(d)
+        times["vision"] = time.perf_counter() - t
+
     s2 = out / "stage2"
     if not _done(s2):
         t = time.perf_counter()
-        train_stage(StageArgs(stage=2, model=str(s0 / "model"), data=str(data / "sft.json"),
+        src = dict(model=str(vis)) if r.vision_steps else dict(model=str(s0 / "model"),
+                                                               projector_weights=str(s1 / "mm_projector.bin"))
+        aux = None
+        if r.aux_weight:
+            torch.manual_seed(r.seed)
+            aux = WindowAttributeHead(HiwinConfig.from_pretrained(src["model"]).projector.dim, r.aux_weight)
+            if (vis / HEAD_FILE).is_file() and r.vision_steps:  # continue with the warm-up's head
+                aux.load_state_dict(torch.load(vis / HEAD_FILE, map_location="cpu", weights_only=True))
+        train_stage(StageArgs(stage=2, **src, data=str(data / "sft.json"),
                               image_folder=str(data / "images"), output=str(s2), steps=r.stage2_steps,
                               batch_size=r.stage2_batch, lr=r.stage2_lr, warmup_ratio=r.stage2_warmup,
-                              weight_decay=r.weight_decay, max_slices=r.max_slices,
-                              projector_weights=str(s1 / "mm_projector.bin"), seed=r.seed, resume=True,
+                              weight_decay=r.weight_decay, max_slices=r.max_slices, seed=r.seed, resume=True,
                               log_every=r.log_every, save_every=r.save_every, device=device,
-                              projector_impl="fast"))
+                              projector_impl="fast", aux=aux))
         _barrier(d)
         if d.main:
             _mark(s2, {"steps": r.stage2_steps})

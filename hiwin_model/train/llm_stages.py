@@ -73,6 +73,11 @@ class StageArgs:
     loss_log: str | None = None  # JSON lines {step, loss, lr} written by rank 0
     tf32: bool = True  # on CUDA, as the released recipe
     projector_impl: str = "faithful"  # "fast": same maths, fewer FLOPs (docs/model.md §4.9); same weights
+    # Stage 2, replicated strategy only: an auxiliary loss on the visual tokens (the demo recipe's
+    # training aid, :class:`~.demo_aux.WindowAttributeHead`): ``aux.loss(sample, prepared, crop_tokens,
+    # slicing)`` is added to the language loss, its parameters train with the stage and live in
+    # ``trainer_state.pt`` only: never in the saved model.
+    aux: nn.Module | None = None
 
 
 def trainable_parameters(model: HiwinForCausalLM, stage: int) -> list[nn.Parameter]:
@@ -103,9 +108,11 @@ class _LossModule(nn.Module):
     balance: bool = False
     compute_dtype: torch.dtype | None = None  # FSDP2: the gathered parameters' dtype (default: the model's)
 
-    def __init__(self, model: HiwinForCausalLM, stage: int, image_folder: Path, max_slices: int, max_length: int):
+    def __init__(self, model: HiwinForCausalLM, stage: int, image_folder: Path, max_slices: int, max_length: int,
+                 aux: nn.Module | None = None):
         super().__init__()
         self.model = model
+        self.aux = aux
         self.stage, self.folder = stage, image_folder
         self.max_slices = 1 if stage == 1 else max_slices  # stage 1: overview only
         self.max_length = max_length
@@ -147,6 +154,9 @@ class _LossModule(nn.Module):
             del embedded[:n]
         embeds, mask, labels = pad_batch(seqs)
         loss = self.model.llm(inputs_embeds=embeds, attention_mask=mask, labels=labels, use_cache=False).loss
+        if self.aux is not None:  # the demo's per-window attribute loss (demo_aux), on the same crop tokens
+            loss = loss + torch.stack([self.aux.loss(s, prep, tokens, m.processor.slicing)
+                                       for s, prep, tokens in zip(samples, prepared, crops)]).mean()
         return loss if zero is None else loss + zero.to(loss.dtype)
 
 
@@ -211,7 +221,10 @@ def _load_replicated(args: StageArgs, d: Dist, dtype: torch.dtype):
 
         for b in checkpoint_blocks(model):
             checkpoint(b)
-    root = _LossModule(model, args.stage, Path(args.image_folder), args.max_slices, args.max_length)
+    root = _LossModule(model, args.stage, Path(args.image_folder), args.max_slices, args.max_length, args.aux)
+    if args.aux is not None:
+        args.aux.to(d.device)
+        params = params + list(args.aux.parameters())
     if args.lora is not None and dtype != torch.float32:
         root.autocast = dtype
     return model, root, params
@@ -239,6 +252,8 @@ def train_stage(args: StageArgs) -> list[float]:
         strategy = choose_strategy(args.strategy, d, *_param_counts(args))
     if strategy == "fsdp" and args.lora is not None:
         raise ValueError("LoRA runs with --strategy ddp (one GPU or replicated adapters), not fsdp")
+    if args.aux is not None and (args.stage != 2 or strategy == "fsdp" or args.lora is not None):
+        raise ValueError("an auxiliary loss is supported in stage 2 with the replicated strategy, without LoRA")
     own_group = strategy == "fsdp" and not dist.is_initialized()
     if own_group:  # FSDP on one process without torchrun: a 1-rank group of its own
         dist.init_process_group("nccl" if d.device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
@@ -294,6 +309,8 @@ def _train(args: StageArgs, d: Dist, data: list[dict], dtype: torch.dtype, strat
                 log.info("resumed from %s", latest)
     elif args.resume and state_file.is_file():
         start = load_trainer_state(state_file, opt, sched)
+        if args.aux is not None:
+            args.aux.load_state_dict(torch.load(state_file, map_location=d.device, weights_only=True)["aux"])
     if d.main:
         log.info("stage %d (%s%s, %d rank(s), accum %d): %d samples, %d steps from %d, %.1fM trainable parameters",
                  args.stage, strategy, " + LoRA" if args.lora else "", d.world, args.grad_accum, len(data), steps,
@@ -356,8 +373,11 @@ def _train(args: StageArgs, d: Dist, data: list[dict], dtype: torch.dtype, strat
             atomic_torch_save(sd, out / "mm_projector.bin")
             atomic_torch_save(trainer_state(step, opt, sched), state_file)
         else:
+            state = trainer_state(step, opt, sched)
+            if args.aux is not None:  # the auxiliary head resumes with the run, never ships with the model
+                state["aux"] = args.aux.state_dict()
             model.save_pretrained(out, overwrite=True, extra=lambda tmp: atomic_torch_save(
-                trainer_state(step, opt, sched), tmp / "trainer_state.pt"))
+                state, tmp / "trainer_state.pt"))
         log.info("saved step %d to %s", step, out)
 
     return run_loop(step_fn, params, opt, sched, LoopConfig(steps, args.log_every, args.save_every,

@@ -80,14 +80,77 @@ def test_demo_recipe_runs_resumes_and_refuses_another_recipe(tmp_path, monkeypat
 
     monkeypatch.setattr(task, "HELDOUT_SIZE", 2)  # the final held-out scoring, on two questions
     r = DemoRecipe(n_train=4, stage0_steps=1, stage0_batch=1, stage0_res=56, stage1_steps=1, stage1_batch=1,
-                   stage2_steps=2, stage2_batch=1, save_every=1)
+                   vision_steps=1, vision_batch=1, stage2_steps=2, stage2_batch=1, save_every=1)
     final = train_demo(tmp_path / "run", r)
     card = json.loads((final / "card.json").read_text())
     assert card["recipe"]["stage2_steps"] == 2 and card["heldout"]["questions"] == 2
     assert 0.0 <= card["accuracy_torch_fp32"] <= 1.0
-    assert (tmp_path / "run" / "stage2" / "trainer_state.pt").is_file()
+    # the demo-only attribute head: beside the warm-up's model, in stage 2's trainer state, never shipped
+    import torch
+
+    from hiwin_model.train.demo_aux import HEAD_FILE
+
+    assert (tmp_path / "run" / "vision" / HEAD_FILE).is_file()
+    state = torch.load(tmp_path / "run" / "stage2" / "trainer_state.pt", weights_only=True)
+    assert set(state["aux"]) == {"linear.weight", "linear.bias"}
+    assert HEAD_FILE not in {p.name for p in final.iterdir()}
+    shipped = json.loads((final / "model.safetensors.index.json").read_text())["weight_map"]
+    init = json.loads((tmp_path / "run" / "init" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert set(shipped) == set(init)  # the released structure and key layout, nothing added
     calls = []
     monkeypatch.setattr(task, "score", lambda *a, **k: calls.append(a))
     assert train_demo(tmp_path / "run", r) == final and calls == []  # nothing left to do
     with pytest.raises(ValueError, match="another recipe"):
         train_demo(tmp_path / "run", DemoRecipe(n_train=5))
+
+
+def test_attribute_targets_follow_what_was_drawn():
+    """The demo recipe's training aid (train/demo_aux.py): per-window targets from the pixels of the
+    crops the model sees and the image's attributes, as written to sft.json."""
+    import numpy as np
+    import torch
+
+    from hiwin_model.train import demo_aux as aux
+    from hiwin_model.processor import HiwinProcessor
+    from hiwin_runtime.slicing import apply_plan
+
+    proc = HiwinProcessor(task.build_tokenizer())
+    colours = list(task.COLOURS)
+    scenes = docs = 0
+    for it in task.items(12, task.TRAIN_SEED):
+        attrs = task.attributes(it)
+        img = it.image()
+        prepared = proc.prepare_image(img, max_slices=7)
+        overview = apply_plan(img, prepared.plan).overview
+        rgb = aux.crop_rgb(prepared.crops[-1], proc.slicing.mean, proc.slicing.std)
+        assert np.abs(rgb - np.asarray(overview, dtype=np.float32)).max() < 1.0  # un-normalised crop == pixels
+        t = aux.window_targets(rgb, attrs, image_x=aux.crop_image_x(prepared.plan, len(prepared.crops) - 1))
+        assert t.shape == (144, 3)
+        fg = t[:, 0] > 0
+        assert 0 < fg.sum() < 144
+        if it.kind == "scene":
+            scenes += 1
+            drawn = {colours.index(c) + 1: task.SHAPES.index(s) + 1 for s, c in it.spec}
+            assert set(t[fg, 0]) == set(drawn)  # every shape is seen, nothing else
+            assert all(drawn[c] == k for c, k in t[fg, :2])
+            assert not t[:, 2].any()
+        else:
+            docs += 1
+            assert set(t[fg, 0]) == {colours.index(it.spec[1]) + 1}
+            assert set(t[fg, 1]) == {aux.KINDS.index("text")}
+            # letters in reading order across the windows' columns: the word itself
+            cols = {}
+            for n in np.flatnonzero(t[:, 2]):
+                cols.setdefault(n % 12, []).append(aux.LETTERS[t[n, 2] - 1])
+            seq = [max(set(v), key=v.count) for _, v in sorted(cols.items())]
+            read = "".join(c for i, c in enumerate(seq) if i == 0 or c != seq[i - 1])
+            assert read == "".join(c for i, c in enumerate(it.spec[0]) if i == 0 or c != it.spec[0][i - 1]), read
+        assert not t[~fg].any()
+    assert scenes and docs
+    head = aux.WindowAttributeHead(128, weight=0.5)
+    tokens = torch.randn(len(prepared.crops), 144, 128, generator=torch.Generator().manual_seed(0))
+    sample = {"id": "0", "attributes": attrs}
+    loss = head.loss(sample, prepared, tokens, proc.slicing)
+    assert loss.ndim == 0 and loss.item() > 0
+    with pytest.raises(ValueError, match="attributes"):
+        head.loss({"id": "7"}, prepared, tokens, proc.slicing)

@@ -1,0 +1,211 @@
+"""Demo-only training aid: a per-window attribute loss on the visual tokens (docs/demo.md).
+
+Trained from scratch on a few thousand images, the demo model's visual tokens barely depend on the
+image (most of the 144 windows of a crop are background, and the projector's LayerNorms and
+positional queries dominate the rest), so a from-scratch LLM learns only the per-question prior. This
+module gives the vision path (CLIP tower, JBU ``fixup_proj``, Hiwin projector) a direct signal: a
+linear head reads every visual token of every crop and predicts what lies under its window, from
+the generated image's own pixels and its spec (:mod:`hiwin_model.demo_task`):
+
+* the colour under the window (background or one of the four colours),
+* the kind of object it belongs to (background, square, circle, triangle, text),
+* the letter, for text windows (none or one of the 15 letters of the six words): local enough
+  for a tiny tower to learn (the whole word, asked of every window, is not), and one letter of
+  each word is unique to it.
+
+It is used twice by ``hiwin train demo``: alone in a short vision warm-up on the overview
+(:func:`train_vision_warmup`, before stage 2), then added to the stage-2 language loss. The head is
+NOT part of the model: it is never saved with the weights (stage 2 keeps it in its resumable trainer
+state only), and the shipped checkpoint has exactly the released structure and key layout.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+log = logging.getLogger("hiwin.train")
+
+HEAD_FILE = "aux_head.pt"  # the warm-up's head, beside (never inside) the model it writes
+def _letters() -> tuple[str, ...]:
+    from .. import demo_task as task
+
+    return tuple(sorted(set("".join(task.WORDS))))
+
+
+LETTERS = _letters()
+N_COLOUR, N_KIND, N_LETTER = 5, 5, 1 + len(LETTERS)  # each with class 0 = background / none
+KINDS = ("background", "square", "circle", "triangle", "text")
+_MAX_DIST2 = 70.0 ** 2  # a pixel within this RGB distance of a task colour has that colour
+_MIN_FRACTION = 0.04  # a window is labelled with its most frequent colour when it covers >= 4 %
+
+
+def pixel_colours(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) RGB in 0..255 -> (H, W) int: 0 background, 1..4 the task colours in order."""
+    from .. import demo_task as task
+
+    ref = np.array(list(task.COLOURS.values()), dtype=np.float32)
+    d = ((rgb.astype(np.float32)[:, :, None, :] - ref[None, None]) ** 2).sum(-1)
+    return np.where(d.min(-1) < _MAX_DIST2, d.argmin(-1) + 1, 0)
+
+
+def window_targets(rgb: np.ndarray, attrs: dict, grid: int = 12, image_x=None) -> np.ndarray:
+    """(grid*grid, 3) int64 targets (colour, kind, letter) of a crop's windows, row-major like the
+    projector's uniform window partition. ``image_x`` (W,): the image x of each crop column (for the
+    letters of a document; default: the crop is the image)."""
+    from .. import demo_task as task
+
+    cls = pixel_colours(rgb)
+    H, W = cls.shape
+    ys = np.linspace(0, H, grid + 1).round().astype(int)
+    xs = np.linspace(0, W, grid + 1).round().astype(int)
+    windows = [(slice(ys[i], ys[i + 1]), slice(xs[j], xs[j + 1])) for i in range(grid) for j in range(grid)]
+    onehot = np.eye(N_COLOUR, dtype=np.float32)[cls]
+    frac = np.stack([onehot[w].mean((0, 1)) for w in windows])
+    colour = np.where(frac[:, 1:].max(1) >= _MIN_FRACTION, frac[:, 1:].argmax(1) + 1, 0)
+    names = list(task.COLOURS)
+    letter = np.zeros_like(colour)
+    if attrs["kind"] == "scene":
+        kind_of = {names.index(c) + 1: task.SHAPES.index(s) + 1 for s, c in attrs["objects"]}
+        kind = np.array([kind_of.get(int(c), 0) for c in colour])
+    else:
+        kind = np.where(colour > 0, KINDS.index("text"), 0)
+        word = attrs["word"]
+        x = np.arange(W) + 0.5 if image_x is None else np.asarray(image_x)
+        col_letter = np.searchsorted(np.asarray(attrs["letter_edges"], dtype=np.float64), x)  # (W,) index in word
+        ink = cls == names.index(attrs["colour"]) + 1
+        per_pixel = np.where(ink, col_letter[None, :] + 1, 0)
+        for n, w in enumerate(windows):
+            if colour[n]:
+                counts = np.bincount(per_pixel[w].reshape(-1), minlength=len(word) + 1)[1:]
+                if counts.any():
+                    letter[n] = LETTERS.index(word[int(counts.argmax())]) + 1
+    return np.stack([colour, kind, letter], axis=1).astype(np.int64)
+
+
+def crop_image_x(plan, index: int) -> np.ndarray:
+    """Image x of every column of crop ``index`` (slices row-major, then the overview) of a slice plan."""
+    W = plan.image_size[0]
+    if index < plan.num_slices:
+        left, _, right, _ = plan.boxes[index]
+        return (np.arange(left, right) + 0.5) * W / plan.refined_size[0]
+    return (np.arange(plan.overview_size[0]) + 0.5) * W / plan.overview_size[0]
+
+
+def crop_rgb(crop: np.ndarray, mean, std) -> np.ndarray:
+    """A prepared (normalised, (3, H, W)) crop back to (H, W, 3) RGB in 0..255."""
+    x = crop * np.asarray(std, dtype=np.float32)[:, None, None] + np.asarray(mean, dtype=np.float32)[:, None, None]
+    return (x.transpose(1, 2, 0) * 255.0).clip(0, 255)
+
+
+class WindowAttributeHead(nn.Module):
+    """Linear head on visual tokens -> colour / kind / letter logits; ``loss`` is the mean of the three
+    cross-entropies over every window of every crop, times ``weight``."""
+
+    def __init__(self, dim: int, weight: float = 1.0):
+        super().__init__()
+        self.weight = weight
+        self.linear = nn.Linear(dim, N_COLOUR + N_KIND + N_LETTER)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        return self.linear(tokens)
+
+    def targets(self, prepared, attrs: dict, mean, std, grid: int) -> Tensor:
+        return torch.from_numpy(np.concatenate([
+            window_targets(crop_rgb(c, mean, std), attrs, grid, crop_image_x(prepared.plan, i))
+            for i, c in enumerate(prepared.crops)]))
+
+    def loss(self, sample: dict, prepared, crop_tokens: Tensor, slicing) -> Tensor:
+        """``crop_tokens`` (n, Q, C): the projector's output for ``prepared``'s crops, in crop order."""
+        if "attributes" not in sample:
+            raise ValueError(f"sample {sample.get('id', '?')}: no 'attributes' (write the data with "
+                             "hiwin_model.demo_task.write_split)")
+        grid = int(round(crop_tokens.shape[1] ** 0.5))
+        t = self.targets(prepared, sample["attributes"], slicing.mean, slicing.std, grid).to(crop_tokens.device)
+        o = self(crop_tokens.reshape(-1, crop_tokens.shape[-1]).float())
+        a, b = N_COLOUR, N_COLOUR + N_KIND
+        return self.weight * (F.cross_entropy(o[:, :a], t[:, 0]) + F.cross_entropy(o[:, a:b], t[:, 1])
+                              + F.cross_entropy(o[:, b:], t[:, 2]))
+
+
+def vision_trainables(model) -> list[nn.Parameter]:
+    """What the warm-up trains: the stage-2 vision set (CLIP tower, projector, JBU ``fixup_proj``)."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for m in (model.vision_tower, model.projector, model.jbu.fixup_proj):
+        for p in m.parameters():
+            p.requires_grad_(True)
+    model.projector.pos_embed.requires_grad_(False)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+class _WarmupLoss(nn.Module):
+    def __init__(self, model, head: WindowAttributeHead, folder: Path, max_slices: int):
+        super().__init__()
+        self.model, self.head, self.folder, self.max_slices = model, head, folder, max_slices
+
+    def forward(self, samples: list[dict]) -> Tensor:
+        m = self.model
+        losses = []
+        for s in samples:
+            prepared = m.processor.prepare_image(self.folder / s["image"], max_slices=self.max_slices)
+            losses.append(self.head.loss(s, prepared, m.encode_prepared(prepared), m.processor.slicing))
+        return torch.stack(losses).mean()
+
+
+def train_vision_warmup(model_dir: str | Path, data: str | Path, image_folder: str | Path, output: str | Path, *,
+                        steps: int, batch_size: int, lr: float, warmup_ratio: float = 0.05, seed: int = 0,
+                        max_slices: int = 1, projector_weights: str | None = None, log_every: int = 10,
+                        device: str | None = None, projector_impl: str = "fast") -> Path:
+    """The vision path alone on the attribute loss (overview only by default); writes a full model
+    directory to ``output`` and the head's weights beside it (:data:`HEAD_FILE`, not a model file).
+    Data-parallel under torchrun, like the stages."""
+    from ..model import HiwinForCausalLM
+    from .common import (LoopConfig, atomic_torch_save, cosine_with_warmup, global_batches, micro_batch_seed, micro_batches,
+                         read_json_list, run_loop, setup_distributed, wrap_ddp)
+
+    d = setup_distributed(device)
+    torch.manual_seed(seed)
+    samples = read_json_list(data)
+    model = HiwinForCausalLM.from_pretrained(model_dir, device=d.device, projector_impl=projector_impl)
+    if projector_weights:
+        model.load_projector_weights(projector_weights)
+    params = vision_trainables(model)
+    head = WindowAttributeHead(model.config.projector.dim).to(d.device)
+    params += list(head.parameters())
+    model.train()
+    loss_module = wrap_ddp(_WarmupLoss(model, head, Path(image_folder), max_slices), d)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = cosine_with_warmup(opt, steps, warmup_ratio)
+    batches = global_batches(len(samples), seed, 0, d.world * batch_size)
+    if d.main:
+        log.info("vision warm-up: %d steps x %d images, attribute loss, max %d slice(s)", steps,
+                 d.world * batch_size, max_slices)
+
+    def step_fn(step: int) -> float:
+        (idx,) = micro_batches(next(batches), d, 1, batch_size)
+        torch.manual_seed(micro_batch_seed(seed, step, d.rank))
+        loss = loss_module([samples[i] for i in idx])
+        loss.backward()
+        value = loss.detach().double()
+        if d.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(value)
+            value /= d.world
+        return float(value)
+
+    out = Path(output)
+
+    def save(step: int) -> None:
+        if d.main and step == steps:
+            model.save_pretrained(out, overwrite=True, extra=lambda tmp: atomic_torch_save(
+                {k: v.detach().cpu() for k, v in head.state_dict().items()}, tmp / HEAD_FILE))
+
+    run_loop(step_fn, params, opt, sched, LoopConfig(steps, log_every), 0, save, d)
+    return out
