@@ -16,7 +16,8 @@ from conftest import random_image
 from hiwin_runtime.pipeline import Pipeline, RequestError
 
 QUESTION = "What is in the image?"
-SIZES = [(1008, 672), (336, 1344), (800, 800), (500, 300)]  # grids 3x2, 1x4, 2x2, overview + 2x1 ...
+# seven aspect ratios, 1:4 to 4:1: grids 3x2, 1x4, 2x2, overview + 2x1, 4x1, 2x3, and a wide 8:3 page
+SIZES = [(1008, 672), (336, 1344), (800, 800), (500, 300), (1344, 336), (672, 1008), (1600, 600)]
 
 
 # ----------------------------------------------------------------------------- part 1: Llama directory
