@@ -325,6 +325,8 @@ def e2e_worker(backend: str, path: str, kind: str, llm_layers: int, sizes: list[
             out["images"][f"{w}x{h}"]["agree_token_ids"] = ans.token_ids
             np.save(Path(agree_dir) / f"{backend}-{w}x{h}.npy", np.asarray(ans.logits[0], np.float32))
     out["peak_rss_mib"] = peak_rss_mib()
+    # this worker's own floor: the bandwidth right after its timed runs (it drifts minute to minute)
+    out["bandwidth_gbs"] = memory_bandwidth_gbs(repeats=5)
     return out
 
 
@@ -332,6 +334,7 @@ E2E_COLUMNS = [("config", "config"), ("image", "image"), ("prompt", "prompt toke
                ("backend", "backend"), ("vision_s", "vision s"), ("prefill_s", "prefill s"), ("ttft_s", "TTFT s"),
                ("decode_tok_s", "decode tok/s"), ("weight_mib", "weights read/token MiB"),
                ("floor_tok_s", "bandwidth floor tok/s"), ("of_floor", "decode ÷ floor"),
+               ("vs_ort", "decode ÷ ORT loop (same round)"),
                ("peak_rss_mib", "peak RSS MiB"), ("same_tokens", "same tokens as PyTorch")]
 AGREE_COLUMNS = [("config", "config"), ("image", "image"), ("backend", "backend"), ("reference", "reference"),
                  ("lead", "same tokens until the first divergence"), ("matches", "matching positions"),
@@ -355,6 +358,10 @@ def run_e2e(a) -> list[Report]:
                    f"prompt's last position", AGREE_COLUMNS, meta={"tokens": a.agree_tokens})
     rep.notes.append("weights read/token: every decoder weight incl. lm_head as stored (int4: packed weights + "
                      "scales + zero points), embedding table excluded; the KV cache read is not counted")
+    if a.rounds > 1:
+        rep.notes.append(f"{a.rounds} rounds, backends in alternation: timings are medians over rounds; the floor "
+                         "and decode ÷ floor use the bandwidth each worker measured right after its own runs (median "
+                         "over rounds); decode ÷ ORT loop is the median of the per-round ratios")
     for kind in a.e2e:
         with tempfile.TemporaryDirectory(prefix="hiwin-bench-e2e-") as tmp:
             agree_dir = Path(tmp) / "agree"
@@ -366,21 +373,55 @@ def run_e2e(a) -> list[Report]:
                                 "--llm-layers", str(a.llm_layers), "--genai", *a.genai], stderr=subprocess.PIPE, text=True)
             if r.returncode:
                 raise RuntimeError(f"export failed:\n{r.stderr[-4000:]}")
-            res = {}
-            for b in ("torch", "ort", *(f"genai-{p}" for p in a.genai)):
-                cmd = [sys.executable, "-m", "hiwin_export.bench", "--e2e-worker", b, "--export", path,
-                       "--e2e", kind, "--llm-layers", str(a.llm_layers), "--new-tokens", str(a.new_tokens),
-                       "--repeats", str(a.repeats), "--sizes", *a.sizes, "--agree-tokens", str(a.agree_tokens),
-                       "--agree-dir", str(agree_dir)]
-                log.info("running %s (%s) ...", b, kind)
-                r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
-                if r.returncode:
-                    raise RuntimeError(f"{b} worker failed:\n{r.stderr[-4000:]}")
-                res[b] = json.loads(r.stdout.strip().splitlines()[-1])
+            backends = ("torch", "ort", *(f"genai-{p}" for p in a.genai))
+            rounds: dict[str, list[dict]] = {b: [] for b in backends}
+            for rnd in range(a.rounds):  # backends in alternation: every round sees the same machine phase
+                for b in backends:
+                    agree_n = a.agree_tokens if rnd == 0 else 0
+                    cmd = [sys.executable, "-m", "hiwin_export.bench", "--e2e-worker", b, "--export", path,
+                           "--e2e", kind, "--llm-layers", str(a.llm_layers), "--new-tokens", str(a.new_tokens),
+                           "--repeats", str(a.repeats), "--sizes", *a.sizes, "--agree-tokens", str(agree_n),
+                           "--agree-dir", str(agree_dir)]
+                    log.info("running %s (%s), round %d of %d ...", b, kind, rnd + 1, a.rounds)
+                    r = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ))
+                    if r.returncode:
+                        raise RuntimeError(f"{b} worker failed:\n{r.stderr[-4000:]}")
+                    rounds[b].append(json.loads(r.stdout.strip().splitlines()[-1]))
+            res = merge_rounds(rounds)
             if a.agree_tokens:
                 format_agreement(kind, res, agree_dir, agree)
         format_e2e(kind, res, rep, bandwidth_gbs=bw)
     return [rep, agree] if a.agree_tokens else [rep]
+
+
+def merge_rounds(rounds: dict[str, list[dict]]) -> dict:
+    """Per backend, the worker results of every round -> one result: the first round's tokens (and
+    agreement ids), the median of each timing over rounds, the rounds' decode rates and bandwidths
+    (``decode_rounds`` / ``bandwidth_rounds``) and the median over rounds of decode ÷ that round's
+    own floor (``of_floor``; needs ``bandwidth_gbs`` from each worker). With ``ort`` present, each
+    row also gets ``vs_ort``: the median over rounds of its decode rate ÷ the ORT loop's in the same
+    round (backends alternate, so a round's ratio is taken in one machine phase)."""
+    out = {}
+    for b, rs in rounds.items():
+        first = rs[0]
+        m = {**first, "images": {}, "peak_rss_mib": max(r["peak_rss_mib"] for r in rs)}
+        for img, r0 in first["images"].items():
+            per = [r["images"][img] for r in rs]
+            row = {**r0, **{k: statistics.median(p[k] for p in per) for k in ("vision_s", "prefill_s", "ttft_s",
+                                                                                  "decode_tok_s")}}
+            row["decode_rounds"] = [round(p["decode_tok_s"], 2) for p in per]
+            bws = [r.get("bandwidth_gbs") for r in rs]
+            if first.get("weight_bytes") and all(bws):
+                row["bandwidth_rounds"] = [round(x, 1) for x in bws]
+                row["floor_tok_s"] = statistics.median(w * 1e9 / first["weight_bytes"] for w in bws)
+                row["of_floor"] = statistics.median(p["decode_tok_s"] * first["weight_bytes"] / (w * 1e9)
+                                                    for p, w in zip(per, bws))
+            if "ort" in rounds:
+                row["vs_ort"] = statistics.median(p["decode_tok_s"] / o["images"][img]["decode_tok_s"]
+                                                  for p, o in zip(per, rounds["ort"]))
+            m["images"][img] = row
+        out[b] = m
+    return out
 
 
 def format_agreement(kind: str, res: dict, agree_dir: Path, rep: Report) -> Report:
@@ -411,12 +452,14 @@ def format_e2e(kind: str, res: dict, rep: Report | None = None, *, bandwidth_gbs
             r = res[b]["images"][img]
             same = "-" if b == "torch" else _agreement(r["token_ids"], t["token_ids"])
             wb = res[b].get("weight_bytes")
-            floor = bandwidth_gbs * 1e9 / wb if (wb and bandwidth_gbs) else None
+            floor = r.get("floor_tok_s") or (bandwidth_gbs * 1e9 / wb if (wb and bandwidth_gbs) else None)
+            of_floor = r.get("of_floor", r["decode_tok_s"] / floor if floor else None)
             rep.add(config=kind, image=img, prompt=f"{r['prompt_tokens']} ({r['visual_tokens']})", backend=name,
                     vision_s=r["vision_s"], prefill_s=r["prefill_s"], ttft_s=r["ttft_s"],
                     decode_tok_s=round(r["decode_tok_s"], 1), weight_mib=round(wb / 2**20, 1) if wb else None,
                     floor_tok_s=round(floor, 1) if floor else None,
-                    of_floor=round(r["decode_tok_s"] / floor, 2) if floor else None,
+                    of_floor=round(of_floor, 2) if of_floor else None,
+                    vs_ort=round(r["vs_ort"], 2) if "vs_ort" in r else None,
                     peak_rss_mib=round(res[b]["peak_rss_mib"]), same_tokens=same)
     return rep
 
@@ -439,6 +482,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="end-to-end rows instead (time to first token, decode tokens/s) for these configurations")
     p.add_argument("--llm-layers", type=int, default=2, help="Llama layers of the real-width configuration")
     p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per end-to-end run")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="with --e2e: run every backend this many times in alternation (torch, ort, genai..., "
+                        "torch, ...); rows report medians over rounds, each decode rate against the floor and the "
+                        "ORT loop of its own round")
     p.add_argument("--json", help="also write the report's rows as JSON to this file")
     p.add_argument("--genai", nargs="*", default=[], choices=["fp32", "fp16", "int4"],
                    help="with --e2e: also rows with the language half on ONNX Runtime GenAI at these precisions")

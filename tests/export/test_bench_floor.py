@@ -62,3 +62,29 @@ def test_floor_columns_and_agreement_report(tmp_path):
     assert rows[("genai-int4", "genai-fp32")]["cosine"] == "-1.000000"
     assert rows[("genai-fp32", "torch")]["lead"] == "8 of 8" and rows[("genai-fp32", "torch")]["cosine"] == "1.000000"
     assert ("genai-fp16", "genai-fp32") not in rows  # not run: no row
+
+
+def test_rounds_merge_medians_and_same_round_ratios():
+    """`--rounds N`: timings are medians over rounds; decode ÷ floor uses each round's own bandwidth and
+    decode ÷ ORT loop pairs rates of the same round (a fast-memory round lifts both sides)."""
+    from hiwin_export.bench import format_e2e, merge_rounds
+
+    def worker(rate, bw, tokens=(1, 2, 3)):
+        return {"weight_bytes": 1e9, "peak_rss_mib": 100.0 + rate, "bandwidth_gbs": bw, "images": {"10x10": dict(
+            prompt_tokens=20, visual_tokens=12, new_tokens=3, token_ids=list(tokens), vision_s=0.1,
+            prefill_s=rate / 10, ttft_s=0.3, decode_tok_s=rate)}}
+
+    # round 2 is a fast-memory phase: both backends speed up, the ratio stays 1.5
+    rounds = {"torch": [worker(5, 40), worker(5, 60), worker(5, 40)],
+              "ort": [worker(10, 40), worker(20, 80), worker(12, 40)],
+              "genai-fp32": [worker(15, 40), worker(30, 80), worker(18, 40)]}
+    res = merge_rounds(rounds)
+    g = res["genai-fp32"]["images"]["10x10"]
+    assert g["decode_tok_s"] == 18 and g["decode_rounds"] == [15, 30, 18]
+    assert g["vs_ort"] == 1.5
+    assert g["floor_tok_s"] == 40.0 and g["of_floor"] == 0.375  # rates 15/40, 30/80, 18/40
+    assert res["genai-fp32"]["peak_rss_mib"] == 130.0  # the largest of the rounds
+    rows = {r["backend"]: r for r in format_e2e("tiny", res, bandwidth_gbs=999.0).rows}
+    assert rows["ORT + GenAI fp32 (language)"]["vs_ort"] == 1.5
+    assert rows["ORT + GenAI fp32 (language)"]["floor_tok_s"] == 40.0  # the rounds' own, not the run's 999
+    assert rows["ONNX Runtime"]["vs_ort"] == 1.0
