@@ -369,8 +369,10 @@ def run_e2e(a) -> list[Report]:
             log.info("exporting the %s model (fp32, random weights, no parity run) ...", kind)
             path = str(Path(tmp) / "export")
             # in a child process: the exporter's graph copies of the weights never return to the OS
+            block = ["--int4-block-size", str(a.int4_block_size)] if a.int4_block_size else []
             r = subprocess.run([sys.executable, "-m", "hiwin_export.bench", "--e2e-export", path, "--e2e", kind,
-                                "--llm-layers", str(a.llm_layers), "--genai", *a.genai], stderr=subprocess.PIPE, text=True)
+                                "--llm-layers", str(a.llm_layers), "--genai", *a.genai, *block],
+                               stderr=subprocess.PIPE, text=True)
             if r.returncode:
                 raise RuntimeError(f"export failed:\n{r.stderr[-4000:]}")
             backends = ("torch", "ort", *(f"genai-{p}" for p in a.genai))
@@ -489,6 +491,8 @@ def add_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", help="also write the report's rows as JSON to this file")
     p.add_argument("--genai", nargs="*", default=[], choices=["fp32", "fp16", "int4"],
                    help="with --e2e: also rows with the language half on ONNX Runtime GenAI at these precisions")
+    p.add_argument("--int4-block-size", type=int, choices=[16, 32, 64, 128, 256],
+                   help="with --genai int4: the MatMulNBits block size (default: the builder's 32)")
     p.add_argument("--agree-tokens", type=int, default=64,
                    help="with --e2e: greedy tokens of the agreement report (0: no report)")
 
@@ -510,7 +514,8 @@ def main(argv: list[str] | None = None) -> int:
         for p in a.genai:  # next to the export: <dir>/../genai-<precision>
             from .genai import build_genai
 
-            build_genai(Path(a.e2e_export).parent / f"genai-{p}", model=model, precision=p)
+            build_genai(Path(a.e2e_export).parent / f"genai-{p}", model=model, precision=p,
+                        int4_block_size=a.int4_block_size if p == "int4" else None)
         return 0
     if a.e2e_worker:
         sizes = [tuple(int(x) for x in s.split("x")) for s in a.sizes]

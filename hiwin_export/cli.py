@@ -335,8 +335,8 @@ def cmd_genai(a) -> int:
         return 2
     try:
         facts = build_genai(a.out, model=None if a.llama else _model(a.model), llama_dir=a.llama,
-                            precision=a.precision, overwrite=a.overwrite)
-    except GenAIBuildError as e:
+                            precision=a.precision, overwrite=a.overwrite, int4_block_size=a.int4_block_size)
+    except (GenAIBuildError, ValueError) as e:
         print(f"hiwin-export: genai: {e}", file=sys.stderr)
         return 2
     if language is not None:
@@ -521,6 +521,9 @@ def build_parser() -> argparse.ArgumentParser:
     ga.add_argument("--export", help="export directory the GenAI model will serve with (checked to match)")
     ga.add_argument("--out", required=True)
     ga.add_argument("--precision", default="fp32", choices=["fp32", "fp16", "int4"])
+    ga.add_argument("--int4-block-size", type=int, choices=[16, 32, 64, 128, 256],
+                    help="int4: MatMulNBits block size (default: the builder's 32; 128 decodes faster on CPU, "
+                         "docs/genai.md)")
     ga.add_argument("--overwrite", action="store_true")
     ga.set_defaults(func=cmd_genai)
     tl = sub.add_parser("trtllm", help="the LLM as a TensorRT-LLM checkpoint, fp16 / fp8 / int4-AWQ (docs/trtllm.md)")

@@ -37,6 +37,7 @@ from .llama_dir import read_llama_facts, write_llama_dir
 log = logging.getLogger("hiwin_export")
 
 PRECISIONS = ("fp32", "fp16", "int4")
+INT4_BLOCK_SIZES = (16, 32, 64, 128, 256)  # the builder's MatMulNBits block sizes
 OPSET = 17
 
 
@@ -139,13 +140,31 @@ def genai_config(builder_config: dict) -> dict:
     return cfg
 
 
+def _matmulnbits_block_size(decoder: Path) -> int:
+    """The block size of the decoder's MatMulNBits nodes (the same for all, as the builder writes them)."""
+    m = onnx.load(str(decoder), load_external_data=False)
+    sizes = {a.i for n in m.graph.node if n.op_type == "MatMulNBits" for a in n.attribute if a.name == "block_size"}
+    if len(sizes) != 1:
+        raise GenAIBuildError(f"{decoder.name}: expected one MatMulNBits block size, found {sorted(sizes)}")
+    return sizes.pop()
+
+
 def build_genai(out_dir: str | os.PathLike, *, model=None, llama_dir: str | os.PathLike | None = None,
-                precision: str = "fp32", overwrite: bool = False, extra_options: dict | None = None) -> dict:
+                precision: str = "fp32", overwrite: bool = False, extra_options: dict | None = None,
+                int4_block_size: int | None = None) -> dict:
     """Build the GenAI directory from ``model`` (a :class:`HiwinForCausalLM`, written as a Llama
     directory first) or from ``llama_dir`` (:func:`~hiwin_export.llama_dir.write_llama_dir`'s output);
-    returns its ``hiwin_genai.json``."""
+    returns its ``hiwin_genai.json``. ``int4_block_size``: MatMulNBits block (int4 only; default the
+    builder's, 32; 128 decodes faster on CPU at a coarser scale per block, docs/genai.md)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+    if int4_block_size is not None:
+        if precision != "int4":
+            raise ValueError(f"int4_block_size applies to precision int4 only, not {precision!r}")
+        if int4_block_size not in INT4_BLOCK_SIZES:
+            raise ValueError(f"int4_block_size must be one of {', '.join(map(str, INT4_BLOCK_SIZES))}, "
+                             f"got {int4_block_size}")
+        extra_options = {**(extra_options or {}), "block_size": str(int4_block_size)}
     if (model is None) == (llama_dir is None):
         raise ValueError("give exactly one of model= or llama_dir=")
     try:
@@ -177,6 +196,8 @@ def build_genai(out_dir: str | os.PathLike, *, model=None, llama_dir: str | os.P
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(builder_cfg), indent=4))
         import onnxruntime_genai as og
 
+        if precision == "int4":
+            facts["int4_block_size"] = _matmulnbits_block_size(decoder)
         facts.update(precision=precision, placeholder_id=PLACEHOLDER, genai_version=og.__version__,
                      decoder_embeds_dtype=str(np.dtype(emb_dtype)), model_type="phi3v")
         facts["files"] = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*"))

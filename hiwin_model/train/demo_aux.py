@@ -54,17 +54,19 @@ def pixel_colours(rgb: np.ndarray) -> np.ndarray:
     return np.where(d.min(-1) < _MAX_DIST2, d.argmin(-1) + 1, 0)
 
 
-def window_targets(rgb: np.ndarray, attrs: dict, grid: int = 12, image_x=None) -> np.ndarray:
-    """(grid*grid, 3) int64 targets (colour, kind, letter) of a crop's windows, row-major like the
-    projector's uniform window partition. ``image_x`` (W,): the image x of each crop column (for the
-    letters of a document; default: the crop is the image)."""
+def window_targets(rgb: np.ndarray, attrs: dict, grid: int | tuple[int, int] = 12, image_x=None) -> np.ndarray:
+    """(rows*cols, 3) int64 targets (colour, kind, letter) of a crop's windows, row-major like the
+    projector's uniform window partition; ``grid`` is ``rows`` = ``cols`` or ``(rows, cols)`` (e.g.
+    the tower's patch grid). ``image_x`` (W,): the image x of each crop column (for the letters of a
+    document; default: the crop is the image)."""
     from .. import demo_task as task
 
     cls = pixel_colours(rgb)
     H, W = cls.shape
-    ys = np.linspace(0, H, grid + 1).round().astype(int)
-    xs = np.linspace(0, W, grid + 1).round().astype(int)
-    windows = [(slice(ys[i], ys[i + 1]), slice(xs[j], xs[j + 1])) for i in range(grid) for j in range(grid)]
+    rows, cols = (grid, grid) if isinstance(grid, int) else grid
+    ys = np.linspace(0, H, rows + 1).round().astype(int)
+    xs = np.linspace(0, W, cols + 1).round().astype(int)
+    windows = [(slice(ys[i], ys[i + 1]), slice(xs[j], xs[j + 1])) for i in range(rows) for j in range(cols)]
     onehot = np.eye(N_COLOUR, dtype=np.float32)[cls]
     frac = np.stack([onehot[w].mean((0, 1)) for w in windows])
     colour = np.where(frac[:, 1:].max(1) >= _MIN_FRACTION, frac[:, 1:].argmax(1) + 1, 0)

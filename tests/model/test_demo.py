@@ -146,6 +146,12 @@ def test_attribute_targets_follow_what_was_drawn():
             read = "".join(c for i, c in enumerate(seq) if i == 0 or c != seq[i - 1])
             assert read == "".join(c for i, c in enumerate(it.spec[0]) if i == 0 or c != it.spec[0][i - 1]), read
         assert not t[~fg].any()
+        # the tower's patch grid (rows, cols): the same labels at patch resolution, row-major
+        h, w = prepared.crops[-1].shape[1] // 14, prepared.crops[-1].shape[2] // 14
+        tp = aux.window_targets(rgb, attrs, (h, w), image_x=aux.crop_image_x(prepared.plan, len(prepared.crops) - 1))
+        assert tp.shape == (h * w, 3) and set(tp[:, 0]) >= set(t[:, 0]) and set(tp[:, 1]) >= set(t[:, 1])
+        assert np.array_equal(aux.window_targets(rgb, attrs, (12, 12), image_x=aux.crop_image_x(
+            prepared.plan, len(prepared.crops) - 1)), t)
     assert scenes and docs
     head = aux.WindowAttributeHead(128, weight=0.5)
     tokens = torch.randn(len(prepared.crops), 144, 128, generator=torch.Generator().manual_seed(0))

@@ -250,7 +250,9 @@ def test_genai_int4_fp16_agreement_and_speed(og, tiny_model, llama_dir, light_ex
     precisions = ("int4", "fp16")
     outs = [tmp_path_factory.mktemp("genai") / p for p in precisions]
     with ThreadPoolExecutor(2) as ex:  # the builder runs as a subprocess: both at once
-        list(ex.map(lambda op: build_genai(op[0], llama_dir=llama_dir, precision=op[1]), zip(outs, precisions)))
+        facts = list(ex.map(lambda op: build_genai(op[0], llama_dir=llama_dir, precision=op[1]),
+                            zip(outs, precisions)))
+    assert facts[0]["int4_block_size"] == 32 and "int4_block_size" not in facts[1]  # read from the graph
     for precision, out in zip(precisions, outs):
         pipe = Pipeline.from_export(light_export, language="genai", genai=out)
         same = total = 0
@@ -397,3 +399,26 @@ def test_eval_scores_the_exports_own_genai_directory(export_with_genai):
 
     ts = targets(str(export_with_genai))
     assert [(t.backend, t.precision) for t in ts] == [("onnx", "fp32"), ("genai", "fp32")]
+
+
+def test_int4_block_size_reaches_the_builder_and_is_checked(llama_dir, monkeypatch, tmp_path):
+    """`--int4-block-size` goes to the builder as its `block_size` option; a size the builder does not
+    have, or a block size for another precision, is refused before anything is built."""
+    pytest.importorskip("onnxruntime_genai", reason="needs onnxruntime-genai")
+    from hiwin_export import genai
+
+    seen = {}
+
+    def fake_builder(src, out, precision, **kw):
+        seen.update(precision=precision, **kw["extra_options"])
+        raise genai.GenAIBuildError("stopped after the builder call (test)")
+
+    monkeypatch.setattr(genai, "run_builder", fake_builder)
+    with pytest.raises(genai.GenAIBuildError, match="stopped"):
+        genai.build_genai(tmp_path / "g", llama_dir=llama_dir, precision="int4", int4_block_size=128)
+    assert seen["precision"] == "int4" and seen["block_size"] == "128"
+    assert not (tmp_path / "g").exists()  # nothing half-written
+    with pytest.raises(ValueError, match="int4 only"):
+        genai.build_genai(tmp_path / "g", llama_dir=llama_dir, precision="fp32", int4_block_size=128)
+    with pytest.raises(ValueError, match="must be one of"):
+        genai.build_genai(tmp_path / "g", llama_dir=llama_dir, precision="int4", int4_block_size=100)
