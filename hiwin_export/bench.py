@@ -334,7 +334,7 @@ E2E_COLUMNS = [("config", "config"), ("image", "image"), ("prompt", "prompt toke
                ("backend", "backend"), ("vision_s", "vision s"), ("prefill_s", "prefill s"), ("ttft_s", "TTFT s"),
                ("decode_tok_s", "decode tok/s"), ("weight_mib", "weights read/token MiB"),
                ("floor_tok_s", "bandwidth floor tok/s"), ("of_floor", "decode ÷ floor"),
-               ("vs_ort", "decode ÷ ORT loop (same round)"),
+               ("vs_ort", "decode ÷ ORT loop (same round)"), ("decode_rounds", "decode tok/s per round"),
                ("peak_rss_mib", "peak RSS MiB"), ("same_tokens", "same tokens as PyTorch")]
 AGREE_COLUMNS = [("config", "config"), ("image", "image"), ("backend", "backend"), ("reference", "reference"),
                  ("lead", "same tokens until the first divergence"), ("matches", "matching positions"),
@@ -462,6 +462,7 @@ def format_e2e(kind: str, res: dict, rep: Report | None = None, *, bandwidth_gbs
                     floor_tok_s=round(floor, 1) if floor else None,
                     of_floor=round(of_floor, 2) if of_floor else None,
                     vs_ort=round(r["vs_ort"], 2) if "vs_ort" in r else None,
+                    decode_rounds=" / ".join(f"{x:.1f}" for x in r["decode_rounds"]) if "decode_rounds" in r else None,
                     peak_rss_mib=round(res[b]["peak_rss_mib"]), same_tokens=same)
     return rep
 

@@ -88,3 +88,4 @@ def test_rounds_merge_medians_and_same_round_ratios():
     assert rows["ORT + GenAI fp32 (language)"]["vs_ort"] == 1.5
     assert rows["ORT + GenAI fp32 (language)"]["floor_tok_s"] == 40.0  # the rounds' own, not the run's 999
     assert rows["ONNX Runtime"]["vs_ort"] == 1.0
+    assert rows["ORT + GenAI fp32 (language)"]["decode_rounds"] == "15.0 / 30.0 / 18.0"
