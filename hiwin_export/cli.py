@@ -117,7 +117,11 @@ def cmd_eval(a) -> int:
 def cmd_parity(a) -> int:
     from .parity import IMAGE_SIZES, QUANTIZED, RANDOM_GRIDS, Harness, ParityError
 
-    h = Harness(_model(a.model), a.export, precision=a.precision)
+    try:
+        h = Harness(_model(a.model), a.export, precision=a.precision)
+    except ParityError as e:  # another checkpoint than the export's: refused before anything runs
+        print(f"hiwin-export: parity: {e}", file=sys.stderr)
+        return 2
     extra = {}
     if a.precision in QUANTIZED:
         # quantised graphs: real images only (random inputs are outside any calibration), the held-out split

@@ -41,6 +41,21 @@ def graph_entry(gid: GraphId, spec: GraphSpec, proto: onnx.ModelProto, path: Pat
             **({"plugins": plugin_ops(proto)} if spec.flavour == "tensorrt" else {})}
 
 
+def weights_sha256(model) -> str:
+    """sha256 over the model's state dict: every key, shape and value as float32, in key order (the same
+    for a checkpoint loaded at any floating dtype that holds its values exactly)."""
+    import hashlib
+
+    import torch
+
+    h = hashlib.sha256()
+    for k, t in sorted(model.state_dict().items()):
+        t = t.detach()
+        h.update(f"{k}:{tuple(t.shape)}:".encode())
+        h.update((t.to(torch.float32) if t.is_floating_point() else t).contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def manifest_header(model, graphs=(), flavour: str = "onnx") -> dict:
     """Directory-wide facts; ``graphs`` (the exported :class:`GraphId` s) maps each projector
     bucket to the graph that serves it; ``flavour`` says who can run the graphs (a manifest without
@@ -57,6 +72,8 @@ def manifest_header(model, graphs=(), flavour: str = "onnx") -> dict:
                     "graphs": {f"{oh}x{ow}": serving_graph("hiwin", (oh, ow), "fp32", set(graphs)).name
                                for oh, ow in HIWIN_BUCKETS}},
         "config": model.config.to_dict(),
+        # which weights the graphs were made from: parity refuses another checkpoint by this, up front
+        "source": {"weights_sha256": weights_sha256(model)},
         "tools": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__,
                   "python": platform.python_version()},
     }

@@ -89,11 +89,21 @@ class Harness:
     ``"reference"`` (default: the one the export's flavour allows, ``"reference"`` for ``tensorrt``)."""
 
     def __init__(self, model, export_dir: str | os.PathLike, *, precision: str = "fp32", seed: int = 0,
-                 executor: str | None = None):
+                 executor: str | None = None, check_source: bool = True):
         if precision not in ("fp32", *MIN_COSINE):
             raise ValueError(f"precision must be one of fp32, {', '.join(MIN_COSINE)}, got {precision!r}")
         self.model = model.eval()
         self.export = ExportDir(export_dir)
+        want = self.export.manifest.get("source", {}).get("weights_sha256")
+        if check_source and want is not None:
+            from .manifest import weights_sha256
+
+            got = weights_sha256(self.model)
+            if got != want:
+                raise ParityError(
+                    f"{export_dir}: the export was made from other weights than the model given (weights sha256 "
+                    f"{want[:16]}... in its manifest, {got[:16]}... for this model): parity would compare two "
+                    "different models; pass the checkpoint the export was made from (hiwin-export parity --model)")
         executor = executor or ("reference" if self.export.flavour == "tensorrt" else "onnxruntime")
         if executor not in EXECUTORS:
             raise ValueError(f"unknown executor {executor!r} (known: {', '.join(EXECUTORS)})")

@@ -196,10 +196,38 @@ def test_parity_catches_a_wrong_graph(tiny_model, exported, tmp_path):
     from hiwin_model.tiny import build_tiny_model
 
     other = build_tiny_model(seed=5)
-    h = Harness(other, exported)
+    h = Harness(other, exported, check_source=False)  # the numbers must catch it too
     h.random_cases(((24, 24),))
     with pytest.raises(AssertionError, match="fail max_rel<=0.0001"):
         h.assert_ok()
+
+
+def test_parity_refuses_other_weights_up_front(tiny_model, exported, tmp_path, capsys):
+    """The manifest records the weights the graphs were made from; parity against another checkpoint
+    is refused with that reason before any graph runs (the CLI too); the right one is accepted."""
+    import copy
+
+    from hiwin_export.cli import main
+    from hiwin_export.manifest import weights_sha256
+    from hiwin_export.parity import ParityError
+    from hiwin_model.tiny import build_tiny_model
+
+    want = json.loads((exported / "manifest.json").read_text())["source"]["weights_sha256"]
+    assert want == weights_sha256(tiny_model)
+    m = copy.deepcopy(tiny_model)
+    assert weights_sha256(m.to(torch.float64)) == want  # the values, not the dtype they are held in
+    with torch.no_grad():  # one value changed is another checkpoint
+        next(iter(m.parameters())).view(-1)[0] += 1.0
+    assert weights_sha256(m) != want
+    other = build_tiny_model(seed=5)
+    with pytest.raises(ParityError, match="made from other weights"):
+        Harness(other, exported)
+    Harness(tiny_model, exported)  # the same weights: accepted
+    other.save_pretrained(tmp_path / "other")
+    assert main(["parity", "--export", str(exported), "--model", str(tmp_path / "other"), "--quick"]) == 2
+    err = capsys.readouterr().err
+    assert "made from other weights" in err and "FAILED" not in err
+    assert not (exported / "reports" / "other").exists()
 
 
 def test_tampered_or_missing_files(exported, tmp_path):
