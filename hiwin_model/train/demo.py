@@ -8,6 +8,9 @@ command again; stage 2 also saves every ``save_every`` steps and resumes from it
 1. ``OUT/data``: the train split (seed 0): PNGs, ``pretrain.json`` (captions), ``sft.json``
    (every question of an image as one multi-turn conversation).
 2. ``OUT/init``: the untrained demo model (seeded), official layout.
+   ``OUT/tower`` (demo-only): the CLIP tower alone, CLIP-initialised, on per-patch targets (colour,
+   object kind, letter) of freshly generated images (:func:`.demo_aux.train_tower`); the stages
+   below start from it.
 3. ``OUT/stage0``: JBU pre-training (CLIP frozen: at this point a random CLIP, so this stage only
    gives the JBU a start; the up-sampler keeps training nowhere else, as in the release), then the
    JBU is loaded into the model, written to ``OUT/stage0/model``.
@@ -44,6 +47,9 @@ class DemoRecipe:
     stage1_steps: int = 60
     stage1_batch: int = 4
     stage1_lr: float = 1e-3
+    tower_steps: int = 2400  # demo-only tower pre-training (per-patch targets, fresh images), train/demo_aux.py
+    tower_batch: int = 8  # crops per process per step
+    tower_lr: float = 1e-3
     vision_steps: int = 300  # demo-only vision warm-up (attribute loss, overview only), train/demo_aux.py
     vision_batch: int = 4
     vision_lr: float = 3e-3
@@ -86,7 +92,7 @@ def train_demo(out: str | Path, recipe: DemoRecipe = DemoRecipe(), device: str |
     import torch
 
     from ..config import HiwinConfig
-    from .demo_aux import HEAD_FILE, WindowAttributeHead, train_vision_warmup
+    from .demo_aux import HEAD_FILE, WindowAttributeHead, train_tower, train_vision_warmup
 
     d = setup_distributed(device)  # under torchrun: every stage runs data-parallel
     out = Path(out)
@@ -113,14 +119,27 @@ def train_demo(out: str | Path, recipe: DemoRecipe = DemoRecipe(), device: str |
         _mark(init, {"seed": r.seed})
     _barrier(d)
 
+    base = init
+    if r.tower_steps:
+        base = out / "tower"
+        if not _done(base):
+            t = time.perf_counter()
+            train_tower(init, base, steps=r.tower_steps, batch_size=r.tower_batch, lr=r.tower_lr, seed=r.seed,
+                        max_slices=r.max_slices, log_every=r.log_every, device=device)
+            _barrier(d)
+            if d.main:
+                _mark(base, {"steps": r.tower_steps})
+            _barrier(d)
+            times["tower"] = time.perf_counter() - t
+
     s0 = out / "stage0"
     if not _done(s0):
         t = time.perf_counter()
-        train_stage0(Stage0Args(model=str(init), images=str(data / "images"), output=str(s0), steps=r.stage0_steps,
+        train_stage0(Stage0Args(model=str(base), images=str(data / "images"), output=str(s0), steps=r.stage0_steps,
                                 batch_size=r.stage0_batch, res=r.stage0_res, seed=r.seed, resume=True,
                                 log_every=r.log_every, device=device))
         if d.main:
-            model = HiwinForCausalLM.from_pretrained(init)
+            model = HiwinForCausalLM.from_pretrained(base)
             model.load_jbu_checkpoint(s0 / CKPT_NAME)
             model.save_pretrained(s0 / "model", overwrite=True)
             _mark(s0, {"steps": r.stage0_steps})

@@ -211,3 +211,132 @@ def train_vision_warmup(model_dir: str | Path, data: str | Path, image_folder: s
 
     run_loop(step_fn, params, opt, sched, LoopConfig(steps, log_every), 0, save, d)
     return out
+
+
+# ------------------------------------------------------------------------------ tower pre-training
+TOWER_SPLIT_SEED = 2  # fresh images for the tower stage: not the train split (0), never the held-out one (1)
+
+
+def init_clip_tower(tower) -> None:
+    """CLIP's own initialisation of a from-scratch tower (PyTorch's defaults put the position
+    embeddings at std 1, 50x CLIP's 0.02, where they drown the patch content): embeddings at std
+    ``initializer_range`` (class embedding at width^-0.5), attention and MLP projections scaled by width
+    and depth, biases zero."""
+    C = tower.cfg.hidden_size
+    layers = tower.vision_model.encoder.layers
+    depth = (2 * len(layers)) ** -0.5
+    e = tower.vision_model.embeddings
+    with torch.no_grad():
+        nn.init.normal_(e.class_embedding, std=C ** -0.5)
+        nn.init.normal_(e.patch_embedding.weight, std=0.02)
+        nn.init.normal_(e.position_embedding.weight, std=0.02)
+        for layer in layers:
+            a = layer.self_attn
+            for proj, std in ((a.q_proj, C ** -0.5 * depth), (a.k_proj, C ** -0.5 * depth),
+                              (a.v_proj, C ** -0.5 * depth), (a.out_proj, C ** -0.5),
+                              (layer.mlp.fc1, (2 * C) ** -0.5), (layer.mlp.fc2, C ** -0.5 * depth)):
+                nn.init.normal_(proj.weight, std=std)
+                nn.init.zeros_(proj.bias)
+
+
+def tower_crops(item, processor, max_slices: int) -> list[tuple[Tensor, Tensor]]:
+    """Every crop of a generated item with its per-patch targets at the tower's patch grid:
+    [(pixels (3, H, W), targets (H/p * W/p, 3))]."""
+    from .. import demo_task as task
+
+    prepared = processor.prepare_image(item.image(), max_slices=max_slices)
+    attrs, s, p = task.attributes(item), processor.slicing, processor.slicing.patch_size
+    return [(torch.from_numpy(np.ascontiguousarray(c)),
+             torch.from_numpy(window_targets(crop_rgb(c, s.mean, s.std), attrs, (c.shape[1] // p, c.shape[2] // p),
+                                             crop_image_x(prepared.plan, i))))
+            for i, c in enumerate(prepared.crops)]
+
+
+def patch_losses(logits: Tensor, t: Tensor) -> Tensor:
+    """Colour on every patch; object kind on coloured patches; letter on lettered patches (the
+    rare classes are not drowned by the background)."""
+    a, b = N_COLOUR, N_COLOUR + N_KIND
+    loss = F.cross_entropy(logits[:, :a], t[:, 0])
+    obj, let = t[:, 0] > 0, t[:, 2] > 0
+    if obj.any():
+        loss = loss + F.cross_entropy(logits[obj, a:b], t[obj, 1])
+    if let.any():
+        loss = loss + F.cross_entropy(logits[let, b:], t[let, 2])
+    return loss
+
+
+class _TowerLoss(nn.Module):
+    def __init__(self, tower, head: nn.Linear):
+        super().__init__()
+        self.tower, self.head = tower, head
+
+    def forward(self, crops: list[tuple[Tensor, Tensor]]) -> Tensor:
+        groups: dict[tuple, list] = {}
+        for x, t in crops:
+            groups.setdefault(tuple(x.shape), []).append((x, t))
+        total = 0.0
+        for g in groups.values():  # one tower call per crop shape
+            f = self.tower(torch.stack([x for x, _ in g]))  # (n, C, h, w)
+            logits = self.head(f.flatten(2).transpose(1, 2).reshape(-1, f.shape[1]))
+            total = total + patch_losses(logits, torch.cat([t for _, t in g])) * len(g) / len(crops)
+        return total
+
+
+def train_tower(model_dir: str | Path, output: str | Path, *, steps: int, batch_size: int, lr: float,
+                warmup_ratio: float = 0.02, seed: int = 0, max_slices: int = 7, log_every: int = 10,
+                device: str | None = None) -> Path:
+    """Demo-only: the CLIP tower alone (CLIP-initialised) on per-patch targets (colour, object kind,
+    letter) of freshly generated images (split seed :data:`TOWER_SPLIT_SEED`, no image seen twice),
+    ``batch_size`` crops per process per step; writes the whole model with the trained tower to
+    ``output``. The linear head is dropped. Data-parallel under torchrun; a stopped run restarts the
+    stage (it is a few minutes)."""
+    from .. import demo_task as task
+    from ..model import HiwinForCausalLM
+    from .common import LoopConfig, cosine_with_warmup, run_loop, setup_distributed, wrap_ddp
+
+    d = setup_distributed(device)
+    torch.manual_seed(seed)
+    model = HiwinForCausalLM.from_pretrained(model_dir, device=d.device)
+    tower = model.vision_tower
+    init_clip_tower(tower)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in tower.parameters():
+        p.requires_grad_(True)
+    head = nn.Linear(tower.cfg.hidden_size, N_COLOUR + N_KIND + N_LETTER).to(d.device)
+    params = list(tower.parameters()) + list(head.parameters())
+    tower.train()
+    loss_module = wrap_ddp(_TowerLoss(tower, head), d)
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    sched = cosine_with_warmup(opt, steps, warmup_ratio)
+    pool: list = []
+    nxt = [d.rank]  # this rank's items: rank, rank + world, ...
+    if d.main:
+        log.info("tower pre-training: %d steps x %d crops, fresh images (split seed %d), per-patch targets",
+                 steps, d.world * batch_size, TOWER_SPLIT_SEED)
+
+    def step_fn(step: int) -> float:
+        crops = []
+        while len(crops) < batch_size:
+            if not pool:
+                pool.extend(tower_crops(task.make_item(nxt[0], TOWER_SPLIT_SEED), model.processor, max_slices))
+                nxt[0] += d.world
+            crops.append(pool.pop(0))
+        loss = loss_module([(x.to(d.device), t.to(d.device)) for x, t in crops])
+        loss.backward()
+        value = loss.detach().double()
+        if d.world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(value)
+            value /= d.world
+        return float(value)
+
+    out = Path(output)
+
+    def save(step: int) -> None:
+        if d.main and step == steps:
+            model.save_pretrained(out, overwrite=True)
+
+    run_loop(step_fn, params, opt, sched, LoopConfig(steps, log_every), 0, save, d)
+    return out

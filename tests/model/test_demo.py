@@ -80,7 +80,8 @@ def test_demo_recipe_runs_resumes_and_refuses_another_recipe(tmp_path, monkeypat
 
     monkeypatch.setattr(task, "HELDOUT_SIZE", 2)  # the final held-out scoring, on two questions
     r = DemoRecipe(n_train=4, stage0_steps=1, stage0_batch=1, stage0_res=56, stage1_steps=1, stage1_batch=1,
-                   vision_steps=1, vision_batch=1, stage2_steps=2, stage2_batch=1, save_every=1)
+                   tower_steps=2, tower_batch=2, vision_steps=1, vision_batch=1, stage2_steps=2, stage2_batch=1,
+                   save_every=1)
     final = train_demo(tmp_path / "run", r)
     card = json.loads((final / "card.json").read_text())
     assert card["recipe"]["stage2_steps"] == 2 and card["heldout"]["questions"] == 2
@@ -91,6 +92,15 @@ def test_demo_recipe_runs_resumes_and_refuses_another_recipe(tmp_path, monkeypat
     from hiwin_model.train.demo_aux import HEAD_FILE
 
     assert (tmp_path / "run" / "vision" / HEAD_FILE).is_file()
+    # the tower stage trained the tower only, and stage 0 started from it
+    from hiwin_model.model import HiwinForCausalLM
+
+    init_m = HiwinForCausalLM.from_pretrained(tmp_path / "run" / "init")
+    tower_m = HiwinForCausalLM.from_pretrained(tmp_path / "run" / "tower")
+    s0_m = HiwinForCausalLM.from_pretrained(tmp_path / "run" / "stage0" / "model")
+    ti, tt, t0 = init_m.state_dict(), tower_m.state_dict(), s0_m.state_dict()
+    assert all(torch.equal(ti[k], tt[k]) != k.startswith("vision_tower.") for k in ti)
+    assert all(torch.equal(tt[k], t0[k]) for k in tt if k.startswith("vision_tower."))
     state = torch.load(tmp_path / "run" / "stage2" / "trainer_state.pt", weights_only=True)
     assert set(state["aux"]) == {"linear.weight", "linear.bias"}
     assert HEAD_FILE not in {p.name for p in final.iterdir()}
