@@ -89,7 +89,7 @@ def test_refusals(tmp_path, exported):
     assert not list(out.glob("*.int8.*")) and "jbu.int8" not in json.loads(before)["graphs"]
 
 
-def test_cli_quantize_and_int8_parity(exported, tmp_path, capsys):
+def test_cli_quantize_and_int8_parity(exported, tiny_dir, tmp_path, capsys):
     from hiwin_export.cli import main
 
     out = tmp_path / "e"
@@ -100,5 +100,6 @@ def test_cli_quantize_and_int8_parity(exported, tmp_path, capsys):
         page.save(pages[-1])
     assert main(["quantize", "--export", str(out), "--families", "vit", "--images", *pages]) == 0
     assert "vit.int8.onnx" in capsys.readouterr().out
-    assert main(["parity", "--export", str(out), "--precision", "int8", "--quick"]) == 2  # jbu/hiwin int8 missing
+    assert main(["parity", "--model", str(tiny_dir), "--export", str(out), "--precision", "int8",
+                 "--quick"]) == 2  # jbu/hiwin int8 missing
     assert "no graph 'jbu.int8'" in capsys.readouterr().err
