@@ -146,6 +146,18 @@ def vision_trainables(model) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def backward_rank_mean(loss: Tensor, d) -> float:
+    """``loss.backward()``, then the loss averaged over the ranks (what the loop logs)."""
+    loss.backward()
+    value = loss.detach().double()
+    if d.world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(value)
+        value /= d.world
+    return float(value)
+
+
 class _WarmupLoss(nn.Module):
     def __init__(self, model, head: WindowAttributeHead, folder: Path, max_slices: int):
         super().__init__()
@@ -193,14 +205,7 @@ def train_vision_warmup(model_dir: str | Path, data: str | Path, image_folder: s
         (idx,) = micro_batches(next(batches), d, 1, batch_size)
         torch.manual_seed(micro_batch_seed(seed, step, d.rank))
         loss = loss_module([samples[i] for i in idx])
-        loss.backward()
-        value = loss.detach().double()
-        if d.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(value)
-            value /= d.world
-        return float(value)
+        return backward_rank_mean(loss, d)
 
     out = Path(output)
 
@@ -323,14 +328,7 @@ def train_tower(model_dir: str | Path, output: str | Path, *, steps: int, batch_
                 nxt[0] += d.world
             crops.append(pool.pop(0))
         loss = loss_module([(x.to(d.device), t.to(d.device)) for x, t in crops])
-        loss.backward()
-        value = loss.detach().double()
-        if d.world > 1:
-            import torch.distributed as dist
-
-            dist.all_reduce(value)
-            value /= d.world
-        return float(value)
+        return backward_rank_mean(loss, d)
 
     out = Path(output)
 
