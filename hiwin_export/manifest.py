@@ -52,7 +52,7 @@ def weights_sha256(model) -> str:
     for k, t in sorted(model.state_dict().items()):
         t = t.detach()
         h.update(f"{k}:{tuple(t.shape)}:".encode())
-        h.update((t.to(torch.float32) if t.is_floating_point() else t).contiguous().cpu().numpy().tobytes())
+        h.update((t.to(torch.float32) if t.is_floating_point() else t).contiguous().cpu().numpy())  # no copy
     return h.hexdigest()
 
 
