@@ -127,6 +127,8 @@ def cmd_train(args) -> int:
             recipe = replace(recipe, n_train=args.n_train)
         if args.tower_steps:
             recipe = replace(recipe, tower_steps=args.tower_steps)
+        if args.vision_tower_lr is not None:
+            recipe = replace(recipe, later_tower_lr=args.vision_tower_lr)
         print(train_demo(args.output, recipe, device=args.device))
         return 0
     if not args.model:
@@ -161,7 +163,7 @@ def cmd_train(args) -> int:
                           checkpoint_dir=args.checkpoint_dir, keep_checkpoints=args.keep_checkpoints, lora=lora,
                           loss_log=args.loss_log, tf32=not args.no_tf32, deterministic=args.deterministic,
                           warmup_ratio=args.warmup_ratio, weight_decay=args.weight_decay,
-                          projector_lr=args.projector_lr))
+                          projector_lr=args.projector_lr, vision_tower_lr=args.vision_tower_lr))
     return 0
 
 
@@ -241,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--checkpoint-dir", default=None, help="sharded checkpoints (default OUTPUT.checkpoints)")
     tr.add_argument("--keep-checkpoints", type=int, default=2)
     tr.add_argument("--projector-lr", type=float, default=None, help="stage2: the projector's own lr (default --lr)")
+    tr.add_argument("--vision-tower-lr", type=float, default=None,
+                    help="stage2: the CLIP tower's own lr (LLaVA-NeXT's mm_vision_tower_lr; default --lr); "
+                         "demo: the tower's lr in the vision warm-up and stage 2")
     tr.add_argument("--warmup-ratio", type=float, default=0.03)
     tr.add_argument("--weight-decay", type=float, default=0.0)
     tr.add_argument("--lora-r", type=int, default=0, help="stage2: LoRA rank (0: full fine-tune)")

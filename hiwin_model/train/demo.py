@@ -52,6 +52,8 @@ class DemoRecipe:
     tower_steps: int = 0
     tower_batch: int = 8  # crops per process per step
     tower_lr: float = 1e-3
+    # the tower's lr in the vision warm-up and stage 2 (None: theirs); lower keeps what the tower stage learnt
+    later_tower_lr: float | None = None
     vision_steps: int = 300  # demo-only vision warm-up (attribute loss, overview only), train/demo_aux.py
     vision_batch: int = 4
     vision_lr: float = 3e-3
@@ -166,7 +168,8 @@ def train_demo(out: str | Path, recipe: DemoRecipe = DemoRecipe(), device: str |
         t = time.perf_counter()
         train_vision_warmup(s0 / "model", data / "sft.json", data / "images", vis, steps=r.vision_steps,
                             batch_size=r.vision_batch, lr=r.vision_lr, seed=r.seed,
-                            projector_weights=str(s1 / "mm_projector.bin"), log_every=r.log_every, device=device)
+                            projector_weights=str(s1 / "mm_projector.bin"), log_every=r.log_every, device=device,
+                            tower_lr=r.later_tower_lr)
         _barrier(d)
         if d.main:
             _mark(vis, {"steps": r.vision_steps})
@@ -189,7 +192,7 @@ def train_demo(out: str | Path, recipe: DemoRecipe = DemoRecipe(), device: str |
                               batch_size=r.stage2_batch, lr=r.stage2_lr, warmup_ratio=r.stage2_warmup,
                               weight_decay=r.weight_decay, max_slices=r.max_slices, seed=r.seed, resume=True,
                               log_every=r.log_every, save_every=r.save_every, device=device,
-                              projector_impl="fast", aux=aux))
+                              projector_impl="fast", aux=aux, vision_tower_lr=r.later_tower_lr))
         _barrier(d)
         if d.main:
             _mark(s2, {"steps": r.stage2_steps})

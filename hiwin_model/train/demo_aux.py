@@ -11,7 +11,9 @@ the generated image's own pixels and its spec (:mod:`hiwin_model.demo_task`):
 * the kind of object it belongs to (background, square, circle, triangle, text),
 * the letter, for text windows (none or one of the 15 letters of the six words): local enough
   for a tiny tower to learn (the whole word, asked of every window, is not), and one letter of
-  each word is unique to it.
+  each word is unique to it;
+* the place of its shape in the scene (none, leftmost, rightmost, another: the middle one or the
+  only one), on the overview only: a slice does not show where the rest of the scene is.
 
 It is used twice by ``hiwin train demo``: alone in a short vision warm-up on the overview
 (:func:`train_vision_warmup`, before stage 2), then added to the stage-2 language loss. The head is
@@ -39,8 +41,10 @@ def _letters() -> tuple[str, ...]:
 
 
 LETTERS = _letters()
-N_COLOUR, N_KIND, N_LETTER = 5, 5, 1 + len(LETTERS)  # each with class 0 = background / none
+N_COLOUR, N_KIND, N_LETTER, N_PLACE = 5, 5, 1 + len(LETTERS), 4  # each with class 0 = background / none
 KINDS = ("background", "square", "circle", "triangle", "text")
+PLACES = ("none", "leftmost", "rightmost", "other")  # of a scene's shape, left to right (demo_task draws them so)
+IGNORE = -100  # a target the loss skips (the place, on slices)
 _MAX_DIST2 = 70.0 ** 2  # a pixel within this RGB distance of a task colour has that colour
 _MIN_FRACTION = 0.04  # a window is labelled with its most frequent colour when it covers >= 4 %
 
@@ -55,7 +59,7 @@ def pixel_colours(rgb: np.ndarray) -> np.ndarray:
 
 
 def window_targets(rgb: np.ndarray, attrs: dict, grid: int | tuple[int, int] = 12, image_x=None) -> np.ndarray:
-    """(rows*cols, 3) int64 targets (colour, kind, letter) of a crop's windows, row-major like the
+    """(rows*cols, 4) int64 targets (colour, kind, letter, place) of a crop's windows, row-major like the
     projector's uniform window partition; ``grid`` is ``rows`` = ``cols`` or ``(rows, cols)`` (e.g.
     the tower's patch grid). ``image_x`` (W,): the image x of each crop column (for the letters of a
     document; default: the crop is the image)."""
@@ -71,10 +75,15 @@ def window_targets(rgb: np.ndarray, attrs: dict, grid: int | tuple[int, int] = 1
     frac = np.stack([onehot[w].mean((0, 1)) for w in windows])
     colour = np.where(frac[:, 1:].max(1) >= _MIN_FRACTION, frac[:, 1:].argmax(1) + 1, 0)
     names = list(task.COLOURS)
-    letter = np.zeros_like(colour)
+    letter, place = np.zeros_like(colour), np.zeros_like(colour)
     if attrs["kind"] == "scene":
-        kind_of = {names.index(c) + 1: task.SHAPES.index(s) + 1 for s, c in attrs["objects"]}
+        objs = attrs["objects"]
+        kind_of = {names.index(c) + 1: task.SHAPES.index(s) + 1 for s, c in objs}
         kind = np.array([kind_of.get(int(c), 0) for c in colour])
+        place_of = {names.index(c) + 1: (PLACES.index("leftmost") if i == 0 and len(objs) > 1 else
+                                         PLACES.index("rightmost") if i == len(objs) - 1 and len(objs) > 1 else
+                                         PLACES.index("other")) for i, (_, c) in enumerate(objs)}
+        place = np.array([place_of.get(int(c), 0) for c in colour])
     else:
         kind = np.where(colour > 0, KINDS.index("text"), 0)
         word = attrs["word"]
@@ -87,7 +96,7 @@ def window_targets(rgb: np.ndarray, attrs: dict, grid: int | tuple[int, int] = 1
                 counts = np.bincount(per_pixel[w].reshape(-1), minlength=len(word) + 1)[1:]
                 if counts.any():
                     letter[n] = LETTERS.index(word[int(counts.argmax())]) + 1
-    return np.stack([colour, kind, letter], axis=1).astype(np.int64)
+    return np.stack([colour, kind, letter, place], axis=1).astype(np.int64)
 
 
 def crop_image_x(plan, index: int) -> np.ndarray:
@@ -106,21 +115,26 @@ def crop_rgb(crop: np.ndarray, mean, std) -> np.ndarray:
 
 
 class WindowAttributeHead(nn.Module):
-    """Linear head on visual tokens -> colour / kind / letter logits; ``loss`` is the mean of the three
-    cross-entropies over every window of every crop, times ``weight``."""
+    """Linear head on visual tokens -> colour / kind / letter / place logits; ``loss`` is the sum of the
+    four cross-entropies, each averaged over every window of every crop (the place over the overview's
+    windows only), times ``weight``."""
 
     def __init__(self, dim: int, weight: float = 1.0):
         super().__init__()
         self.weight = weight
-        self.linear = nn.Linear(dim, N_COLOUR + N_KIND + N_LETTER)
+        self.linear = nn.Linear(dim, N_COLOUR + N_KIND + N_LETTER + N_PLACE)
 
     def forward(self, tokens: Tensor) -> Tensor:
         return self.linear(tokens)
 
     def targets(self, prepared, attrs: dict, mean, std, grid: int) -> Tensor:
-        return torch.from_numpy(np.concatenate([
-            window_targets(crop_rgb(c, mean, std), attrs, grid, crop_image_x(prepared.plan, i))
-            for i, c in enumerate(prepared.crops)]))
+        per_crop = []
+        for i, c in enumerate(prepared.crops):
+            t = window_targets(crop_rgb(c, mean, std), attrs, grid, crop_image_x(prepared.plan, i))
+            if i < prepared.plan.num_slices:  # a slice: where its shape stands in the scene is not in it
+                t[:, 3] = IGNORE
+            per_crop.append(t)
+        return torch.from_numpy(np.concatenate(per_crop))
 
     def loss(self, sample: dict, prepared, crop_tokens: Tensor, slicing) -> Tensor:
         """``crop_tokens`` (n, Q, C): the projector's output for ``prepared``'s crops, in crop order."""
@@ -130,9 +144,10 @@ class WindowAttributeHead(nn.Module):
         grid = int(round(crop_tokens.shape[1] ** 0.5))
         t = self.targets(prepared, sample["attributes"], slicing.mean, slicing.std, grid).to(crop_tokens.device)
         o = self(crop_tokens.reshape(-1, crop_tokens.shape[-1]).float())
-        a, b = N_COLOUR, N_COLOUR + N_KIND
+        a, b, c = N_COLOUR, N_COLOUR + N_KIND, N_COLOUR + N_KIND + N_LETTER
         return self.weight * (F.cross_entropy(o[:, :a], t[:, 0]) + F.cross_entropy(o[:, a:b], t[:, 1])
-                              + F.cross_entropy(o[:, b:], t[:, 2]))
+                              + F.cross_entropy(o[:, b:c], t[:, 2])
+                              + F.cross_entropy(o[:, c:], t[:, 3], ignore_index=IGNORE))
 
 
 def vision_trainables(model) -> list[nn.Parameter]:
@@ -175,13 +190,15 @@ class _WarmupLoss(nn.Module):
 def train_vision_warmup(model_dir: str | Path, data: str | Path, image_folder: str | Path, output: str | Path, *,
                         steps: int, batch_size: int, lr: float, warmup_ratio: float = 0.05, seed: int = 0,
                         max_slices: int = 1, projector_weights: str | None = None, log_every: int = 10,
-                        device: str | None = None, projector_impl: str = "fast") -> Path:
+                        device: str | None = None, projector_impl: str = "fast",
+                        tower_lr: float | None = None) -> Path:
     """The vision path alone on the attribute loss (overview only by default); writes a full model
     directory to ``output`` and the head's weights beside it (:data:`HEAD_FILE`, not a model file).
-    Data-parallel under torchrun, like the stages."""
+    ``tower_lr``: the CLIP tower's own lr (default ``lr``). Data-parallel under torchrun, like the stages."""
     from ..model import HiwinForCausalLM
     from .common import (LoopConfig, atomic_torch_save, cosine_with_warmup, global_batches, micro_batch_seed, micro_batches,
                          read_json_list, run_loop, setup_distributed, wrap_ddp)
+    from .llm_stages import param_groups
 
     d = setup_distributed(device)
     torch.manual_seed(seed)
@@ -194,7 +211,7 @@ def train_vision_warmup(model_dir: str | Path, data: str | Path, image_folder: s
     params += list(head.parameters())
     model.train()
     loss_module = wrap_ddp(_WarmupLoss(model, head, Path(image_folder), max_slices), d)
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(param_groups(params, {model.vision_tower: tower_lr}), lr=lr, weight_decay=0.0)
     sched = cosine_with_warmup(opt, steps, warmup_ratio)
     batches = global_batches(len(samples), seed, 0, d.world * batch_size)
     if d.main:
@@ -260,13 +277,13 @@ def tower_crops(item, processor, max_slices: int) -> list[tuple[Tensor, Tensor]]
 def patch_losses(logits: Tensor, t: Tensor) -> Tensor:
     """Colour on every patch; object kind on coloured patches; letter on lettered patches (the
     rare classes are not drowned by the background)."""
-    a, b = N_COLOUR, N_COLOUR + N_KIND
+    a, b, c = N_COLOUR, N_COLOUR + N_KIND, N_COLOUR + N_KIND + N_LETTER
     loss = F.cross_entropy(logits[:, :a], t[:, 0])
     obj, let = t[:, 0] > 0, t[:, 2] > 0
     if obj.any():
         loss = loss + F.cross_entropy(logits[obj, a:b], t[obj, 1])
     if let.any():
-        loss = loss + F.cross_entropy(logits[let, b:], t[let, 2])
+        loss = loss + F.cross_entropy(logits[let, b:c], t[let, 2])
     return loss
 
 

@@ -52,6 +52,7 @@ class StageArgs:
     batch_size: int = 1
     lr: float | None = None
     projector_lr: float | None = None  # default: lr
+    vision_tower_lr: float | None = None  # stage 2: the CLIP tower's own lr (LLaVA-NeXT's mm_vision_tower_lr); default: lr
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     max_length: int = 4096
@@ -95,6 +96,20 @@ def trainable_parameters(model: HiwinForCausalLM, stage: int) -> list[nn.Paramet
             p.requires_grad_(True)
     model.projector.pos_embed.requires_grad_(False)
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def param_groups(params: list[nn.Parameter], own_lr: dict[nn.Module, float | None]) -> list[dict]:
+    """AdamW groups: the parameters of each module with its own lr (``None``: the default lr) in a
+    group of their own, the rest in the first group; empty groups are dropped."""
+    groups, taken = [], set()
+    for module, lr in own_lr.items():
+        if lr is None:
+            continue
+        mine = {id(p) for p in module.parameters()} - taken
+        groups.append({"params": [p for p in params if id(p) in mine], "lr": lr})
+        taken |= mine
+    rest = {"params": [p for p in params if id(p) not in taken]}
+    return [g for g in [rest, *groups] if g["params"]]
 
 
 class _LossModule(nn.Module):
@@ -292,13 +307,10 @@ def _train(args: StageArgs, d: Dist, data: list[dict], dtype: torch.dtype, strat
     global_batch = d.world * args.grad_accum * args.batch_size
     steps = args.steps or max(1, -(-len(data) // global_batch))
     lr = args.lr if args.lr is not None else (1e-3 if args.stage == 1 else 2e-5)
-    if args.projector_lr is not None:  # LLaVA's LoRA recipe: 2e-4 for the adapters, 2e-5 for the projector
-        proj = {id(p) for p in model.projector.parameters()}
-        groups = [{"params": [p for p in params if id(p) not in proj]},
-                  {"params": [p for p in params if id(p) in proj], "lr": args.projector_lr}]
-        opt = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, weight_decay=args.weight_decay)
-    else:
-        opt = torch.optim.AdamW(params, lr=lr, weight_decay=args.weight_decay)
+    # LLaVA's LoRA recipe: 2e-4 for the adapters, 2e-5 for the projector; LLaVA-NeXT: a lower lr for the tower
+    opt = torch.optim.AdamW(param_groups(params, {model.projector: args.projector_lr,
+                                                  model.vision_tower: args.vision_tower_lr}),
+                            lr=lr, weight_decay=args.weight_decay)
     sched = cosine_with_warmup(opt, steps, args.warmup_ratio)
     start = 0
     if args.resume and sharded:

@@ -135,7 +135,7 @@ def test_attribute_targets_follow_what_was_drawn():
         rgb = aux.crop_rgb(prepared.crops[-1], proc.slicing.mean, proc.slicing.std)
         assert np.abs(rgb - np.asarray(overview, dtype=np.float32)).max() < 1.0  # un-normalised crop == pixels
         t = aux.window_targets(rgb, attrs, image_x=aux.crop_image_x(prepared.plan, len(prepared.crops) - 1))
-        assert t.shape == (144, 3)
+        assert t.shape == (144, 4)
         fg = t[:, 0] > 0
         assert 0 < fg.sum() < 144
         if it.kind == "scene":
@@ -144,10 +144,16 @@ def test_attribute_targets_follow_what_was_drawn():
             assert set(t[fg, 0]) == set(drawn)  # every shape is seen, nothing else
             assert all(drawn[c] == k for c, k in t[fg, :2])
             assert not t[:, 2].any()
+            # the place of each shape: leftmost / rightmost of two or more, "other" for the middle or only one
+            n = len(it.spec)
+            want = {colours.index(c) + 1: aux.PLACES.index("leftmost" if n > 1 and i == 0 else "rightmost"
+                                                            if n > 1 and i == n - 1 else "other")
+                    for i, (_, c) in enumerate(it.spec)}
+            assert all(want[c] == p for c, p in t[fg][:, [0, 3]])
         else:
             docs += 1
             assert set(t[fg, 0]) == {colours.index(it.spec[1]) + 1}
-            assert set(t[fg, 1]) == {aux.KINDS.index("text")}
+            assert set(t[fg, 1]) == {aux.KINDS.index("text")} and not t[:, 3].any()
             # letters in reading order across the windows' columns: the word itself
             cols = {}
             for n in np.flatnonzero(t[:, 2]):
@@ -159,7 +165,7 @@ def test_attribute_targets_follow_what_was_drawn():
         # the tower's patch grid (rows, cols): the same labels at patch resolution, row-major
         h, w = prepared.crops[-1].shape[1] // 14, prepared.crops[-1].shape[2] // 14
         tp = aux.window_targets(rgb, attrs, (h, w), image_x=aux.crop_image_x(prepared.plan, len(prepared.crops) - 1))
-        assert tp.shape == (h * w, 3) and set(tp[:, 0]) >= set(t[:, 0]) and set(tp[:, 1]) >= set(t[:, 1])
+        assert tp.shape == (h * w, 4) and set(tp[:, 0]) >= set(t[:, 0]) and set(tp[:, 1]) >= set(t[:, 1])
         assert np.array_equal(aux.window_targets(rgb, attrs, (12, 12), image_x=aux.crop_image_x(
             prepared.plan, len(prepared.crops) - 1)), t)
     assert scenes and docs
@@ -168,5 +174,8 @@ def test_attribute_targets_follow_what_was_drawn():
     sample = {"id": "0", "attributes": attrs}
     loss = head.loss(sample, prepared, tokens, proc.slicing)
     assert loss.ndim == 0 and loss.item() > 0
+    tt = head.targets(prepared, attrs, proc.slicing.mean, proc.slicing.std, 12)
+    n_sl = prepared.plan.num_slices
+    assert (tt[:144 * n_sl, 3] == aux.IGNORE).all() and (tt[144 * n_sl:, 3] >= 0).all()  # place: overview only
     with pytest.raises(ValueError, match="attributes"):
         head.loss({"id": "7"}, prepared, tokens, proc.slicing)

@@ -140,6 +140,36 @@ def test_stage2_full_finetune(tiny_dir, data, tmp_path):
     assert torch.equal(m.projector.pos_embed, base.projector.pos_embed)
 
 
+def test_stage2_vision_tower_lr_is_its_own(tiny_dir, data, tmp_path):
+    """``vision_tower_lr`` (LLaVA-NeXT's mm_vision_tower_lr) is the tower's lr alone: at 0 the tower
+    stays bit for bit while the LLM and the projector train at ``lr``."""
+    from hiwin_model.model import HiwinForCausalLM
+
+    out = tmp_path / "s2"
+    train_stage(StageArgs(stage=2, model=str(tiny_dir), data=str(data / "sft.json"), image_folder=str(data / "images"),
+                          output=str(out), steps=2, batch_size=1, lr=1e-3, max_slices=1, log_every=100,
+                          vision_tower_lr=0.0))
+    m, base = HiwinForCausalLM.from_pretrained(out), HiwinForCausalLM.from_pretrained(tiny_dir)
+    tower, tower0 = m.vision_tower.state_dict(), base.vision_tower.state_dict()
+    assert all(torch.equal(tower[k], tower0[k]) for k in tower)
+    assert not torch.equal(m.llm.lm_head.weight, base.llm.lm_head.weight)
+    assert not torch.equal(m.projector.proj, base.projector.proj)
+
+
+def test_param_groups_give_each_module_its_own_lr():
+    from torch import nn
+
+    from hiwin_model.train.llm_stages import param_groups
+
+    a, b, c = nn.Linear(2, 2), nn.Linear(2, 2), nn.Linear(2, 2)
+    params = [*a.parameters(), *b.parameters(), *c.parameters()]
+    g = param_groups(params, {b: 0.5, c: None})
+    assert [len(x["params"]) for x in g] == [4, 2] and "lr" not in g[0] and g[1]["lr"] == 0.5
+    assert all(p is q for p, q in zip(g[1]["params"], b.parameters()))
+    assert len(param_groups(params, {})) == 1
+    assert len(param_groups(list(a.parameters()), {b: 0.5})) == 1  # no empty group
+
+
 def test_bad_training_data(tiny_dir, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text('[{"image": "x.png"}]')
