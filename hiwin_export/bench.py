@@ -267,6 +267,59 @@ def decoder_weight_bytes(backend: str, path: str, pipe) -> int:
     return onnx_weight_bytes(export.graph_path(GraphId(export.manifest["language"]["decoder_graph"], None, "fp32")))
 
 
+def onnx_kv_bytes_per_position(path: str | os.PathLike, head_dim: int | None = None) -> int:
+    """Bytes the KV cache holds per position, from a decoder graph's ``past_key_values.*`` inputs
+    (their static head axis, head-dim axis and element type): what a decoding step reads per cached
+    position (our llm.onnx and the GenAI builder's decoder name them alike; the builder leaves the
+    head-dim axis symbolic: pass ``head_dim`` from its genai_config.json)."""
+    import numpy as np
+    import onnx
+    from onnx import helper
+
+    m = onnx.load(str(path), load_external_data=False)
+    total = 0
+    for i in m.graph.input:
+        if not i.name.startswith("past_key_values."):
+            continue
+        t = i.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else None for d in t.shape.dim]
+        if len(dims) == 4 and dims[3] is None:
+            dims[3] = head_dim
+        if len(dims) != 4 or dims[1] is None or dims[3] is None:
+            raise ValueError(f"{path}: {i.name} is not [batch, kv_heads, past, head_dim] with static heads: {dims}")
+        total += dims[1] * dims[3] * np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).itemsize
+    if not total:
+        raise ValueError(f"{path}: no past_key_values.* inputs")
+    return total
+
+
+def kv_bytes_per_position(backend: str, path: str, pipe) -> int:
+    """KV-cache bytes per cached position of the backend's decoder (keys and values, every layer)."""
+    if backend == "torch":
+        c = pipe.backend.model.llm.config
+        heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+        head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+        return 2 * c.num_hidden_layers * heads * head_dim * next(pipe.backend.model.llm.parameters()).element_size()
+    if backend.startswith("genai"):
+        d = Path(path).parent / backend
+        cfg = json.loads((d / "genai_config.json").read_text())
+        dec = cfg["model"]["decoder"]
+        return onnx_kv_bytes_per_position(d / dec["filename"], head_dim=dec.get("head_size"))
+    from hiwin_runtime.graph_id import GraphId
+
+    export = pipe.backend.export
+    return onnx_kv_bytes_per_position(export.graph_path(GraphId(export.manifest["language"]["decoder_graph"], None,
+                                                                "fp32")))
+
+
+def mean_kv_read_bytes(kv_per_position: int, prompt_tokens: int, new_tokens: int) -> float:
+    """KV bytes one decoding step reads, averaged over the steps: the first new token comes from the
+    prefill, step ``k`` (1 .. new_tokens - 1) attends over ``prompt_tokens + k`` positions."""
+    if new_tokens < 2:
+        return 0.0
+    return kv_per_position * (prompt_tokens + new_tokens / 2)
+
+
 def memory_bandwidth_samples(mib: int = 512, repeats: int = 9) -> list[float]:
     """Streaming read rates of this machine, GB/s: ``repeats`` sums over a float32 buffer far larger
     than any cache (torch, all its threads)."""
@@ -306,7 +359,8 @@ def e2e_worker(backend: str, path: str, kind: str, llm_layers: int, sizes: list[
                                     genai=str(Path(path).parent / backend))
     else:
         pipe = Pipeline.from_export(path, threads=torch.get_num_threads(), language="onnxruntime")
-    out: dict = {"backend": backend, "images": {}, "weight_bytes": decoder_weight_bytes(backend, path, pipe)}
+    out: dict = {"backend": backend, "images": {}, "weight_bytes": decoder_weight_bytes(backend, path, pipe),
+                 "kv_bytes_per_position": kv_bytes_per_position(backend, path, pipe)}
     for w, h in sizes:
         img = draw_scene(w, h, "square", "green", "bench")
         runs = []
@@ -334,6 +388,7 @@ E2E_COLUMNS = [("config", "config"), ("image", "image"), ("prompt", "prompt toke
                ("backend", "backend"), ("vision_s", "vision s"), ("prefill_s", "prefill s"), ("ttft_s", "TTFT s"),
                ("decode_tok_s", "decode tok/s"), ("weight_mib", "weights read/token MiB"),
                ("floor_tok_s", "bandwidth floor tok/s"), ("of_floor", "decode ÷ floor"),
+               ("kv_mib", "KV read/token MiB (mean)"), ("of_floor_kv", "decode ÷ floor with KV"),
                ("vs_ort", "decode ÷ ORT loop (same round)"), ("decode_rounds", "decode tok/s per round"),
                ("peak_rss_mib", "peak RSS MiB"), ("same_tokens", "same tokens as PyTorch")]
 AGREE_COLUMNS = [("config", "config"), ("image", "image"), ("backend", "backend"), ("reference", "reference"),
@@ -357,7 +412,9 @@ def run_e2e(a) -> list[Report]:
     agree = Report(f"greedy agreement over {a.agree_tokens} new tokens (EOS ignored) and logits cosine at the "
                    f"prompt's last position", AGREE_COLUMNS, meta={"tokens": a.agree_tokens})
     rep.notes.append("weights read/token: every decoder weight incl. lm_head as stored (int4: packed weights + "
-                     "scales + zero points), embedding table excluded; the KV cache read is not counted")
+                     "scales + zero points), embedding table excluded. The floor counts weights only; 'floor with KV' "
+                     "adds the KV cache a step reads (every layer's keys and values at their stored type, over the "
+                     "prompt plus half the new tokens, the mean context of the decode steps)")
     if a.rounds > 1:
         rep.notes.append(f"{a.rounds} rounds, backends in alternation: timings are medians over rounds; the floor "
                          "and decode ÷ floor use the bandwidth each worker measured right after its own runs (median "
@@ -418,6 +475,11 @@ def merge_rounds(rounds: dict[str, list[dict]]) -> dict:
                 row["floor_tok_s"] = statistics.median(w * 1e9 / first["weight_bytes"] for w in bws)
                 row["of_floor"] = statistics.median(p["decode_tok_s"] * first["weight_bytes"] / (w * 1e9)
                                                     for p, w in zip(per, bws))
+                if first.get("kv_bytes_per_position"):
+                    kv = mean_kv_read_bytes(first["kv_bytes_per_position"], r0["prompt_tokens"], r0["new_tokens"])
+                    row["kv_read_bytes"] = kv
+                    row["of_floor_kv"] = statistics.median(p["decode_tok_s"] * (first["weight_bytes"] + kv) / (w * 1e9)
+                                                           for p, w in zip(per, bws))
             if "ort" in rounds:
                 row["vs_ort"] = statistics.median(p["decode_tok_s"] / o["images"][img]["decode_tok_s"]
                                                   for p, o in zip(per, rounds["ort"]))
@@ -456,11 +518,17 @@ def format_e2e(kind: str, res: dict, rep: Report | None = None, *, bandwidth_gbs
             wb = res[b].get("weight_bytes")
             floor = r.get("floor_tok_s") or (bandwidth_gbs * 1e9 / wb if (wb and bandwidth_gbs) else None)
             of_floor = r.get("of_floor", r["decode_tok_s"] / floor if floor else None)
+            kvb = res[b].get("kv_bytes_per_position")
+            kv = r.get("kv_read_bytes", mean_kv_read_bytes(kvb, r["prompt_tokens"], r["new_tokens"]) if kvb else None)
+            of_floor_kv = r.get("of_floor_kv", r["decode_tok_s"] * (wb + kv) / (bandwidth_gbs * 1e9)
+                                if (kv is not None and wb and bandwidth_gbs) else None)
             rep.add(config=kind, image=img, prompt=f"{r['prompt_tokens']} ({r['visual_tokens']})", backend=name,
                     vision_s=r["vision_s"], prefill_s=r["prefill_s"], ttft_s=r["ttft_s"],
                     decode_tok_s=round(r["decode_tok_s"], 1), weight_mib=round(wb / 2**20, 1) if wb else None,
                     floor_tok_s=round(floor, 1) if floor else None,
                     of_floor=round(of_floor, 2) if of_floor else None,
+                    kv_mib=round(kv / 2**20, 1) if kv is not None else None,
+                    of_floor_kv=round(of_floor_kv, 2) if of_floor_kv else None,
                     vs_ort=round(r["vs_ort"], 2) if "vs_ort" in r else None,
                     decode_rounds=" / ".join(f"{x:.1f}" for x in r["decode_rounds"]) if "decode_rounds" in r else None,
                     peak_rss_mib=round(res[b]["peak_rss_mib"]), same_tokens=same)

@@ -259,6 +259,9 @@ def _sha256(p: Path) -> str:
 def card_markdown(card: dict) -> str:
     r = card["recipe"]
     kinds = ", ".join(f"{k} {100 * v:.0f}%" for k, v in sorted(card["accuracy_by_kind"].items()))
+    tower = (f"tower pre-training {r['tower_steps']} steps x {r['tower_batch']} crops per process (lr {r['tower_lr']}), "
+             if r.get("tower_steps") else "")
+    later = f"; the tower at lr {r['later_tower_lr']} here and in the warm-up" if r.get("later_tower_lr") is not None else ""
     return f"""# hiwin demo model
 
 A tiny model with the LLaVA-UHD v2 structure (slicing, CLIP-style tower, JBU 2x/4x, Hiwin projector,
@@ -267,9 +270,10 @@ of `hiwin_model/demo_task.py` (docs/demo.md). It is a demonstration that the tra
 reference and the deployed graphs agree on a task, not a general model: it only knows the task's
 sixteen answers.
 
-- Recipe: `{card["command"]}`; seed {r["seed"]}; stage 0 {r["stage0_steps"]} steps, stage 1
-  {r["stage1_steps"]} steps, stage 2 {r["stage2_steps"]} steps x batch {r["stage2_batch"]} per process
-  (lr {r["stage2_lr"]}, cosine, warmup {r["stage2_warmup"]}), max {r["max_slices"]} slices.
+- Recipe: `{card["command"]}`; seed {r["seed"]}; {tower}stage 0 {r["stage0_steps"]} steps, stage 1
+  {r["stage1_steps"]} steps, vision warm-up {r["vision_steps"]} steps, stage 2 {r["stage2_steps"]} steps x batch
+  {r["stage2_batch"]} per process (lr {r["stage2_lr"]}, cosine, warmup {r["stage2_warmup"]}{later}), max
+  {r["max_slices"]} slices.
 - Train split: seed {card["train_split"]["seed"]}, {card["train_split"]["images"]} images, sha256
   `{card["train_split"]["sha256"]}`.
 - Held-out split: seed {card["heldout"]["seed"]}, {card["heldout"]["questions"]} questions, sha256

@@ -30,6 +30,38 @@ def test_onnx_weight_bytes_counts_stored_bytes_without_the_embedding_table(tmp_p
     assert onnx_weight_bytes(path) == 8192 + 2048 + 256
 
 
+def test_kv_bytes_per_position_from_the_decoder_inputs(tmp_path):
+    """The KV read of a decoding step: every layer's past keys and values, at their stored type, per
+    cached position; averaged over the steps of a decode."""
+    import pytest
+
+    from hiwin_export.bench import mean_kv_read_bytes, onnx_kv_bytes_per_position
+
+    def graph(dtype, heads=4, head_dim=8, layers=3, static=True):
+        ins = [helper.make_tensor_value_info(f"past_key_values.{i}.{kv}", dtype,
+                                             ["batch", heads if static else "h", "past", head_dim])
+               for i in range(layers) for kv in ("key", "value")]
+        ins.append(helper.make_tensor_value_info("inputs_embeds", TensorProto.FLOAT, ["batch", "seq", 16]))
+        g = helper.make_graph([helper.make_node("Identity", ["inputs_embeds"], ["y"])], "g", ins,
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", 16])])
+        path = tmp_path / f"d{dtype}{static}.onnx"
+        onnx.save_model(helper.make_model(g), str(path))
+        return path
+
+    assert onnx_kv_bytes_per_position(graph(TensorProto.FLOAT)) == 3 * 2 * 4 * 8 * 4
+    assert onnx_kv_bytes_per_position(graph(TensorProto.FLOAT16)) == 3 * 2 * 4 * 8 * 2
+    with pytest.raises(ValueError, match="static heads"):
+        onnx_kv_bytes_per_position(graph(TensorProto.FLOAT, static=False))
+    # the GenAI builder's decoder: head-dim axis symbolic ("kv_cache_dim"), its size in genai_config.json
+    symbolic = graph(TensorProto.FLOAT, head_dim="kv_cache_dim")
+    assert onnx_kv_bytes_per_position(symbolic, head_dim=8) == 3 * 2 * 4 * 8 * 4
+    with pytest.raises(ValueError, match="static heads"):
+        onnx_kv_bytes_per_position(symbolic)
+    # steps 1..T-1 attend over P+1..P+T-1 positions: mean P + T/2
+    assert mean_kv_read_bytes(100, 20, 9) == 100 * sum(20 + k for k in range(1, 9)) / 8
+    assert mean_kv_read_bytes(100, 20, 1) == 0.0
+
+
 def test_floor_columns_and_agreement_report(tmp_path):
     from hiwin_export.bench import format_agreement, format_e2e, memory_bandwidth_gbs
     from hiwin_runtime.bench import Report
@@ -50,6 +82,11 @@ def test_floor_columns_and_agreement_report(tmp_path):
     assert int4["floor_tok_s"] == 40.0 and int4["of_floor"] == 0.75 and int4["weight_mib"] == round(5e8 / 2**20, 1)
     fp32 = next(r for r in rep.rows if r["backend"] == "ONNX Runtime")
     assert fp32["floor_tok_s"] == 5.0 and fp32["of_floor"] == 1.2
+    assert int4["of_floor_kv"] is None and int4["kv_mib"] is None  # workers that did not report the KV size
+    # with the KV cache: 1e6 bytes per position, prompt 20, 8 new tokens -> 24e6 bytes per step on average
+    res["genai-int4"]["kv_bytes_per_position"] = 1e6
+    int4 = next(r for r in format_e2e("tiny", res, bandwidth_gbs=20.0).rows if r["backend"].startswith("ORT + GenAI int4"))
+    assert int4["kv_mib"] == round(24e6 / 2**20, 1) and int4["of_floor_kv"] == round(30.0 * (5e8 + 24e6) / 20e9, 2)
 
     rng = np.random.default_rng(0)
     base = rng.standard_normal(50)
@@ -70,7 +107,8 @@ def test_rounds_merge_medians_and_same_round_ratios():
     from hiwin_export.bench import format_e2e, merge_rounds
 
     def worker(rate, bw, tokens=(1, 2, 3)):
-        return {"weight_bytes": 1e9, "peak_rss_mib": 100.0 + rate, "bandwidth_gbs": bw, "images": {"10x10": dict(
+        return {"weight_bytes": 1e9, "kv_bytes_per_position": 1e7, "peak_rss_mib": 100.0 + rate, "bandwidth_gbs": bw,
+                "images": {"10x10": dict(
             prompt_tokens=20, visual_tokens=12, new_tokens=3, token_ids=list(tokens), vision_s=0.1,
             prefill_s=rate / 10, ttft_s=0.3, decode_tok_s=rate)}}
 
@@ -83,6 +121,8 @@ def test_rounds_merge_medians_and_same_round_ratios():
     assert g["decode_tok_s"] == 18 and g["decode_rounds"] == [15, 30, 18]
     assert g["vs_ort"] == 1.5
     assert g["floor_tok_s"] == 40.0 and g["of_floor"] == 0.375  # rates 15/40, 30/80, 18/40
+    # with the KV read (1e7 bytes x (20 + 3/2) positions = 2.15e8 bytes a step): each round's own bandwidth
+    assert g["kv_read_bytes"] == 2.15e8 and abs(g["of_floor_kv"] - 0.375 * 1.215) < 1e-12
     assert res["genai-fp32"]["peak_rss_mib"] == 130.0  # the largest of the rounds
     rows = {r["backend"]: r for r in format_e2e("tiny", res, bandwidth_gbs=999.0).rows}
     assert rows["ORT + GenAI fp32 (language)"]["vs_ort"] == 1.5

@@ -369,6 +369,8 @@ def test_bench_end_to_end_rows(exported):
     r = res["ort"]["images"]["500x300"]
     assert r["new_tokens"] == 6 and r["ttft_s"] > 0 and r["decode_tok_s"] > 0  # EOS ignored: all 6 tokens
     assert r["visual_tokens"] == res["torch"]["images"]["500x300"]["visual_tokens"]
+    # the KV size per position: read from llm.onnx's inputs and from the PyTorch config, the same fp32 cache
+    assert res["ort"]["kv_bytes_per_position"] == res["torch"]["kv_bytes_per_position"] > 0
     rows = format_e2e("tiny", res).markdown().splitlines()[-2:]
     assert rows[1].startswith("| tiny | 500x300 |") and rows[1].endswith("| yes |")
 
