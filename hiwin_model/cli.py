@@ -125,7 +125,7 @@ def cmd_train(args) -> int:
             recipe = replace(recipe, stage2_steps=args.steps)
         if args.n_train:
             recipe = replace(recipe, n_train=args.n_train)
-        if args.tower_steps:
+        if args.tower_steps is not None:
             recipe = replace(recipe, tower_steps=args.tower_steps)
         if args.vision_tower_lr is not None:
             recipe = replace(recipe, later_tower_lr=args.vision_tower_lr)
@@ -215,7 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--model", help="HF model directory to start from (not for demo)")
     tr.add_argument("--n-train", type=int, default=None, help="demo: training images (default 4000)")
     tr.add_argument("--tower-steps", type=int, default=None,
-                    help="demo: steps of the demo-only tower pre-training stage (default 0: off; docs/demo.md)")
+                    help="demo: steps of the demo-only tower pre-training stage (default 4800; 0: off; docs/demo.md)")
     tr.add_argument("--output", required=True)
     tr.add_argument("--images", help="stage0: folder of images")
     tr.add_argument("--data", help="stage1/2: LLaVA-style JSON")

@@ -8,9 +8,10 @@ command again; stage 2 also saves every ``save_every`` steps and resumes from it
 1. ``OUT/data``: the train split (seed 0): PNGs, ``pretrain.json`` (captions), ``sft.json``
    (every question of an image as one multi-turn conversation).
 2. ``OUT/init``: the untrained demo model (seeded), official layout.
-   ``OUT/tower`` (demo-only, with ``tower_steps``; off by default): the CLIP tower alone,
+   ``OUT/tower`` (demo-only; ``tower_steps``, 0 turns it off): the CLIP tower alone,
    CLIP-initialised, on per-patch targets (colour, object kind, letter) of freshly generated images
-   (:func:`.demo_aux.train_tower`); the stages below start from it.
+   (:func:`.demo_aux.train_tower`); the stages below start from it, and train the tower at
+   ``later_tower_lr`` only, so that they keep what it learnt.
 3. ``OUT/stage0``: JBU pre-training (CLIP frozen: at this point a random CLIP, so this stage only
    gives the JBU a start; the up-sampler keeps training nowhere else, as in the release), then the
    JBU is loaded into the model, written to ``OUT/stage0/model``.
@@ -47,13 +48,13 @@ class DemoRecipe:
     stage1_steps: int = 60
     stage1_batch: int = 4
     stage1_lr: float = 1e-3
-    # demo-only tower pre-training (per-patch targets, fresh images), train/demo_aux.py; off: 2400 steps
-    # measured no better end to end (57.5 % vs 58.0 %, docs/demo.md)
-    tower_steps: int = 0
+    # demo-only tower pre-training (per-patch targets, fresh images), train/demo_aux.py: what lifts the
+    # shapes and the words (docs/demo.md "How it got there"); 0: off
+    tower_steps: int = 4800
     tower_batch: int = 8  # crops per process per step
     tower_lr: float = 1e-3
-    # the tower's lr in the vision warm-up and stage 2 (None: theirs); lower keeps what the tower stage learnt
-    later_tower_lr: float | None = None
+    # the tower's lr in the vision warm-up and stage 2 (None: theirs, 3e-3 / 2e-3, which undo the tower stage)
+    later_tower_lr: float | None = 1e-4
     vision_steps: int = 300  # demo-only vision warm-up (attribute loss, overview only), train/demo_aux.py
     vision_batch: int = 4
     vision_lr: float = 3e-3

@@ -103,3 +103,25 @@ def test_cli_quantize_and_int8_parity(exported, tiny_dir, tmp_path, capsys):
     assert main(["parity", "--model", str(tiny_dir), "--export", str(out), "--precision", "int8",
                  "--quick"]) == 2  # jbu/hiwin int8 missing
     assert "no graph 'jbu.int8'" in capsys.readouterr().err
+
+
+def test_attention_products_stay_fp32_on_onnx_runtime_only():
+    """MatMuls of two activations (scores, probabilities x values) are left out of ONNX Runtime's int8
+    placement; MatMuls with a weight operand are quantised; ModelOpt's placement keeps its own rule."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from hiwin_export.quantize import exclusions
+
+    w = numpy_helper.from_array(np.ones((8, 8), np.float32), "w")
+    nodes = [helper.make_node("MatMul", ["x", "w"], ["q"], name="proj"),
+             helper.make_node("Transpose", ["q"], ["qt"], name="t", perm=[0, 2, 1]),
+             helper.make_node("MatMul", ["q", "qt"], ["s"], name="scores"),
+             helper.make_node("Softmax", ["s"], ["p"], name="softmax", axis=-1),
+             helper.make_node("MatMul", ["p", "q"], ["y"], name="mix")]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4, 8])], [w])
+    m = helper.make_model(g)
+    ex = exclusions(m, "vit")
+    assert ex["attention products"] == ["scores", "mix"] and ex["Softmax"] == ["softmax"]
+    assert "proj" not in {n for v in ex.values() for n in v}
+    assert "attention products" not in exclusions(m, "vit", "modelopt")

@@ -56,6 +56,11 @@ def test_embedded_demo_model_is_small_official_and_carded():
     assert size < 8 << 20
     card = json.loads((d / "card.json").read_text())
     assert card["train_split"]["seed"] == task.TRAIN_SEED and card["heldout"]["seed"] == task.HELDOUT_SEED
+    from dataclasses import asdict
+
+    from hiwin_model.train.demo import DemoRecipe
+
+    assert card["recipe"] == asdict(DemoRecipe())  # `hiwin train demo` with no options trains what ships
     assert card["heldout"]["questions"] == task.HELDOUT_SIZE
     import hashlib
 
