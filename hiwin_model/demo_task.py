@@ -334,8 +334,10 @@ def build_tokenizer(vocab_size: int = 512):
 
 
 # The demo model: the tiny configuration's structure (hiwin_model/tiny.py) with a deeper, wider
-# vision MLP; the same slicing, JBU, projector, layout and official key names as the 7B.
+# vision MLP and 4 Llama layers (not 2); the same slicing, JBU, projector, layout and official key
+# names as the 7B.
 DEMO_OVERRIDES = dict(
+    num_hidden_layers=4,
     hiwin_vision_config=dict(hidden_size=32, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
                              image_size=336, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5),
     hiwin_max_slices=7,

@@ -59,9 +59,9 @@ class DemoRecipe:
     vision_batch: int = 4
     vision_lr: float = 3e-3
     aux_weight: float = 1.0  # the attribute loss added to stage 2's language loss (0: none)
-    stage2_steps: int = 1000
+    stage2_steps: int = 2000
     stage2_batch: int = 2
-    stage2_lr: float = 2e-3
+    stage2_lr: float = 1e-3
     stage2_warmup: float = 0.05
     weight_decay: float = 0.0
     max_slices: int = 7
