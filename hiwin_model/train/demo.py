@@ -53,7 +53,8 @@ class DemoRecipe:
     tower_steps: int = 4800
     tower_batch: int = 8  # crops per process per step
     tower_lr: float = 1e-3
-    # the tower's lr in the vision warm-up and stage 2 (None: theirs, 3e-3 / 2e-3, which undo the tower stage)
+    # the tower's lr in the vision warm-up and stage 2 (None: theirs, 3e-3 / 1e-3; at 3e-3 / 2e-3 they undid
+    # the tower stage)
     later_tower_lr: float | None = 1e-4
     vision_steps: int = 300  # demo-only vision warm-up (attribute loss, overview only), train/demo_aux.py
     vision_batch: int = 4
