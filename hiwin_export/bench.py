@@ -6,6 +6,9 @@ blocks), the 1024-channel JBU stack, the 4096-wide projector. Each backend runs 
 process so its peak RSS is its own. Per image: median wall time over repeats of each graph and of
 the whole path (ViT batched per crop shape; JBU and projector per crop, as the reference does).
 
+With ``--int4-kernel``, ONNX Runtime's int4 ``MatMulNBits`` kernel alone on the GenAI int4
+decoder's weight matrices, against the memory bandwidth (:mod:`hiwin_export.int4_kernel`).
+
 The same run measures the machine's fp32 GEMM rate (``torch.mm``) and counts each graph's FLOPs
 (``torch.utils.flop_counter``: matmuls, convolutions, attention), so every time can be read against
 its FLOP floor = FLOPs / GEMM rate.
@@ -147,6 +150,13 @@ def _run_child(backend: str, export_dir: str, a) -> dict:
 
 
 def run(a) -> Report:
+    if a.int4_kernel:
+        from .int4_kernel import run_int4_kernel
+
+        if a.tiny:  # the structure at toy sizes (a smoke test: the numbers mean nothing)
+            return run_int4_kernel(hidden=256, intermediate=512, vocab=1000, layers=1, repeats=3, cached_repeats=3,
+                                   bandwidth=lambda: memory_bandwidth_gbs(16, 3))
+        return run_int4_kernel(layers=a.llm_layers)
     if a.e2e:
         return run_e2e(a)
     with tempfile.TemporaryDirectory(prefix="hiwin-bench-") as tmp:
@@ -562,6 +572,10 @@ def add_args(p: argparse.ArgumentParser) -> None:
                    help="with --e2e: also rows with the language half on ONNX Runtime GenAI at these precisions")
     p.add_argument("--int4-block-size", type=int, choices=[16, 32, 64, 128, 256],
                    help="with --genai int4: the MatMulNBits block size (default: the builder's 32)")
+    p.add_argument("--int4-kernel", action="store_true",
+                   help="instead: ONNX Runtime's int4 MatMulNBits kernel alone on the int4 decoder's weight matrices "
+                        "(real width, --llm-layers), blocks 32 and 128, accuracy levels 4 and 1, against the "
+                        "streaming-read bandwidth and its in-cache rate (docs/genai.md)")
     p.add_argument("--agree-tokens", type=int, default=64,
                    help="with --e2e: greedy tokens of the agreement report (0: no report)")
 

@@ -129,3 +129,34 @@ def test_rounds_merge_medians_and_same_round_ratios():
     assert rows["ORT + GenAI fp32 (language)"]["floor_tok_s"] == 40.0  # the rounds' own, not the run's 999
     assert rows["ONNX Runtime"]["vs_ort"] == 1.0
     assert rows["ORT + GenAI fp32 (language)"]["decode_rounds"] == "15.0 / 30.0 / 18.0"
+
+
+def test_int4_kernel_bench_rows_and_byte_count(tmp_path):
+    """`bench --int4-kernel` at toy sizes: a row per block x accuracy level, the weight bytes equal to
+    what the graph stores, the ratios against the bandwidth given; bad block sizes / levels refused.
+    (The graph's shapes are checked against a real GenAI int4 decoder in tests/runtime/test_genai.py.)"""
+    import pytest
+
+    pytest.importorskip("onnxruntime")
+    from hiwin_export.int4_kernel import decoder_shapes, matmulnbits_graph, packed_bytes, run_int4_kernel
+
+    shapes = decoder_shapes(64, 96, 50, 2)
+    assert shapes == [(64, 192), (64, 64), (64, 96), (64, 96), (96, 64)] * 2 + [(64, 50)]
+    for block in (32, 128):  # K=96 at block 128: one partial block per row, stored padded
+        model, widths = matmulnbits_graph(shapes, block, 4)
+        assert widths == [64, 96]
+        stored = sum(numpy_helper.to_array(t).nbytes for t in model.graph.initializer)
+        assert stored == sum(packed_bytes(K, N, block) for K, N in shapes)
+    rep = run_int4_kernel(hidden=64, intermediate=96, vocab=50, layers=2, blocks=(32, 128), levels=(4, 1),
+                          threads=1, repeats=2, cached_repeats=2, bandwidth=lambda: 10.0)
+    assert [(r["block"], r["level"]) for r in rep.rows] == [(32, "4 (int8)"), (32, "1 (fp32)"),
+                                                          (128, "4 (int8)"), (128, "1 (fp32)")]
+    for r in rep.rows:
+        assert r["mb"] == round(sum(packed_bytes(K, N, r["block"]) for K, N in shapes) / 1e6, 1)
+        assert r["bw"] == 10.0 and r["gbs"] > 0 and r["cached_gbs"] > 0
+        assert abs(r["ratio"] - r["gbs"] / 10.0) <= 0.011 and abs(r["cached_ratio"] - r["cached_gbs"] / 10.0) <= 0.011
+    assert "÷ stream" in rep.markdown()
+    with pytest.raises(ValueError, match="block size must be one of"):
+        run_int4_kernel(blocks=(48,))
+    with pytest.raises(ValueError, match="accuracy level must be one of"):
+        run_int4_kernel(levels=(7,))

@@ -296,6 +296,18 @@ def test_genai_int4_fp16_agreement_and_speed(og, tiny_model, llama_dir, light_ex
         facts = list(ex.map(lambda op: build_genai(op[0], llama_dir=llama_dir, precision=op[1]),
                             zip(outs, precisions)))
     assert facts[0]["int4_block_size"] == 32 and "int4_block_size" not in facts[1]  # read from the graph
+    # `bench --int4-kernel` times exactly the int4 decoder's weight matrices, in its order
+    import onnx
+
+    from hiwin_export.int4_kernel import decoder_shapes
+
+    cfg = json.loads((llama_dir / "config.json").read_text())
+    dec = onnx.load(str(outs[0] / "model.onnx"), load_external_data=False)
+    built = [(a["K"], a["N"]) for a in ({x.name: x.i for x in n.attribute} for n in dec.graph.node
+                                         if n.op_type == "MatMulNBits")]
+    head_dim = cfg["hidden_size"] // cfg["num_attention_heads"]
+    assert built == decoder_shapes(cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"],
+                                   cfg["num_hidden_layers"], cfg["num_key_value_heads"] * head_dim)
     for precision, out in zip(precisions, outs):
         pipe = Pipeline.from_export(light_export, language="genai", genai=out)
         same = total = 0
