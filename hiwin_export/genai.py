@@ -6,9 +6,6 @@
                                       the visual rows spliced at the placeholder ids, in order)
     out/vision.onnx                   pixel_values [1, T, C] -> image_features [T, C], an identity: the
                                       visual rows come from the export's own vision graphs
-    out/separators.npy                the newline and comma rows of the embedding table (float32 [2, C]), which
-                                      the layout puts between visual rows: the runtime reads them here
-                                      instead of loading the export's whole embedding graph a second time
     out/genai_config.json             the builder's config, model type "phi3v" (a GenAI VLM) + the two parts
     out/tokenizer*.json, ...          the model's tokenizer (GenAI's Tokenizer reads it too)
     out/hiwin_genai.json              sizes, token ids, precision, placeholder id, sha256 of every file
@@ -32,7 +29,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from hiwin_model.checkpoint import atomic_directory
-from hiwin_runtime.genai import FACTS, PLACEHOLDER, SEPARATOR_KEYS, SEPARATORS
+from hiwin_runtime.genai import FACTS, PLACEHOLDER
 from hiwin_runtime.manifest import sha256
 
 from .llama_dir import read_llama_facts, write_llama_dir
@@ -96,19 +93,6 @@ def vision_graph(hidden_size: int) -> onnx.ModelProto:
     model.ir_version = 8
     onnx.checker.check_model(model, full_check=True)
     return model
-
-
-def write_separators(path: Path, table: np.ndarray, token_ids: dict) -> None:
-    """The embedding table's rows of the separator tokens (``token_ids['newline']``, ``['comma']``), as
-    float32 [2, C] in that order: what :class:`~hiwin_runtime.genai.GenAIBackend` gives the crop chain."""
-    missing = [k for k in SEPARATOR_KEYS if token_ids.get(k) is None]
-    if missing:
-        raise GenAIBuildError(f"the Llama directory's token ids lack {', '.join(missing)} (needed for the "
-                              "separator rows between visual tokens)")
-    ids = [int(token_ids[k]) for k in SEPARATOR_KEYS]
-    if not all(0 <= i < table.shape[0] for i in ids):
-        raise GenAIBuildError(f"separator ids {ids} outside the embedding table ({table.shape[0]} rows)")
-    np.save(path, np.ascontiguousarray(np.asarray(table, np.float32)[ids]), allow_pickle=False)
 
 
 def run_builder(llama_dir: Path, out: Path, precision: str, *, execution_provider: str = "cpu",
@@ -209,7 +193,6 @@ def build_genai(out_dir: str | os.PathLike, *, model=None, llama_dir: str | os.P
         emb_dtype = _decoder_embeds_dtype(decoder)
         onnx.save_model(embedding_graph(np.asarray(table, np.float32), out_dtype=emb_dtype), str(tmp / "embedding.onnx"))
         onnx.save_model(vision_graph(facts["hidden_size"]), str(tmp / "vision.onnx"))
-        write_separators(tmp / SEPARATORS, table, facts.get("token_ids") or {})
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(builder_cfg), indent=4))
         import onnxruntime_genai as og
 

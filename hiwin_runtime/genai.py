@@ -11,10 +11,7 @@ A GenAI directory (``hiwin-export genai``, docs/genai.md) is a GenAI *vision-lan
 * ``embedding.onnx``: ``input_ids`` + ``image_features`` -> ``inputs_embeds``: token rows from the
   LLM's embedding table, and at every placeholder id (:data:`PLACEHOLDER`, negative like Phi-3-vision's)
   the next visual row, in order;
-* ``model.onnx``: the GenAI model builder's Llama decoder (``exclude_embeds``: it reads ``inputs_embeds``);
-* ``separators.npy``: the embedding rows of the newline and comma tokens the layout puts between visual
-  rows, so that the export's own embedding graph (the whole table, 0.5 GB at 7B in fp32) is not loaded
-  beside GenAI's for two rows. Directories written before it existed fall back to that graph.
+* ``model.onnx``: the GenAI model builder's Llama decoder (``exclude_embeds``: it reads ``inputs_embeds``).
 
 The vision half stays on the export's graphs (:class:`OrtBackend`'s crop chain). The generation loop
 stays the :class:`Pipeline`'s: GenAI computes the logits (prefill through ``set_inputs``, each
@@ -32,14 +29,12 @@ from typing import Any
 
 import numpy as np
 
-from .manifest import ExportError, LanguageDir
+from .manifest import LanguageDir
 from .pipeline import Backend
 
 FACTS = "hiwin_genai.json"
 GENAI_SUBDIR = "genai"  # where `hiwin-export export --genai` puts the directory inside an export
 PLACEHOLDER = -1  # the id of a visual position in GenAI's input_ids (Phi-3-vision's convention: -image_number)
-SEPARATORS = "separators.npy"  # float32 [2, C]: the embedding rows of token_ids["newline"], ["comma"]
-SEPARATOR_KEYS = ("newline", "comma")
 
 
 class GenAIUnavailable(ImportError):
@@ -132,30 +127,13 @@ class GenAIBackend(Backend):
             for p in providers:
                 config.append_provider(p)
         self.model = og.Model(config)
-        self.separator_rows = self._read_separators()
 
     # vision half and separators: the export's graphs
     def encode_visual(self, prepared, newline, comma):
         return self.vision.encode_visual(prepared, newline, comma)
 
     def embed(self, ids: np.ndarray) -> np.ndarray:
-        """Embedding rows of ``ids``: the separator tokens from the directory's ``separators.npy``; any
-        other id (or a directory without the file) from the export's embedding graph, which is then
-        loaded (its whole table)."""
-        ids = np.asarray(ids)
-        if self.separator_rows and ids.size and all(int(i) in self.separator_rows for i in ids.reshape(-1)):
-            return np.stack([self.separator_rows[int(i)] for i in ids.reshape(-1)]).reshape(*ids.shape, -1)
         return self.vision.embed(ids)
-
-    def _read_separators(self) -> dict[int, np.ndarray]:
-        if SEPARATORS not in self.dir.facts.get("files", {}):
-            return {}
-        rows = np.load(self.dir.path / SEPARATORS, allow_pickle=False)
-        ids = [self.dir.facts["token_ids"][k] for k in SEPARATOR_KEYS]
-        if rows.dtype != np.float32 or rows.shape != (len(ids), self.hidden_size):
-            raise ExportError(f"{self.dir.path / SEPARATORS}: expected float32 {(len(ids), self.hidden_size)}, "
-                              f"found {rows.dtype} {rows.shape} (rebuild it with `{self.dir.COMMAND}`)")
-        return {int(i): rows[k] for k, i in enumerate(ids)}
 
     # language half: a GenAI generator per request is the cache
     def empty_cache(self) -> Any:

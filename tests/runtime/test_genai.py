@@ -236,49 +236,6 @@ def test_genai_directory_errors(light_export, genai_fp32, tmp_path):
         Pipeline.from_export(light_export, language="genai", genai=bad)
 
 
-def test_genai_separators_come_from_the_directory_not_the_exports_embedding_graph(light_export, genai_fp32,
-                                                                                 ort_pipe, tmp_path):
-    """The layout's newline / comma rows are read from separators.npy, so the export's embedding graph
-    (the whole table) is not loaded beside GenAI's; the rows are the export graph's, bit for bit."""
-    import shutil
-
-    from hiwin_runtime.genai import SEPARATORS
-    from hiwin_runtime.manifest import ExportError
-
-    facts = json.loads((genai_fp32 / "hiwin_genai.json").read_text())
-    assert SEPARATORS in facts["files"]
-    pipe = Pipeline.from_export(light_export, language="genai", genai=genai_fp32)
-    img = random_image(900, 500, seed=11)
-    assert pipe.generate(img, QUESTION, max_new_tokens=6).token_ids == \
-        ort_pipe.generate(img, QUESTION, max_new_tokens=6).token_ids
-    assert not [n for n in pipe.backend.vision.runner.sessions if n.startswith("embed")], list(pipe.backend.vision.runner.sessions)
-    for mine, export_rows in zip(pipe.separators(), ort_pipe.separators()):
-        assert mine.dtype == np.float32 and np.array_equal(mine, export_rows)
-    # any other id still comes from the export's graph (then loaded)
-    ids = np.array([facts["token_ids"]["comma"], 5])
-    assert np.array_equal(pipe.backend.embed(ids), ort_pipe.backend.embed(ids))
-
-    # a directory from before separators.npy: the same rows from the export's graph
-    old = tmp_path / "old"
-    shutil.copytree(genai_fp32, old)
-    (old / SEPARATORS).unlink()
-    del facts["files"][SEPARATORS]
-    (old / "hiwin_genai.json").write_text(json.dumps(facts))
-    pipe_old = Pipeline.from_export(light_export, language="genai", genai=old)
-    for a, b in zip(pipe_old.separators(), ort_pipe.separators()):
-        assert np.array_equal(a, b)
-    assert [n for n in pipe_old.backend.vision.runner.sessions if n.startswith("embed")]
-
-    # a file of the wrong shape (sha256 list rewritten to match) is refused, naming it
-    np.save(old / SEPARATORS, np.zeros((3, 4), np.float32), allow_pickle=False)
-    from hiwin_runtime.manifest import sha256
-
-    facts["files"][SEPARATORS] = sha256(old / SEPARATORS)
-    (old / "hiwin_genai.json").write_text(json.dumps(facts))
-    with pytest.raises(ExportError, match=r"separators.npy: expected float32"):
-        Pipeline.from_export(light_export, language="genai", genai=old)
-
-
 def test_genai_int4_fp16_agreement_and_speed(og, tiny_model, llama_dir, light_export, ort_pipe, genai_pipe,
                                              tmp_path_factory, record_property):
     """Token agreement of the int4 / fp16 GenAI models with the fp32 reference (reported, not asserted
