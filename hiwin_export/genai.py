@@ -2,8 +2,10 @@
 
     out/model.onnx, model.onnx.data   the GenAI model builder's Llama decoder (inputs_embeds in;
                                       GroupQueryAttention, fp32 / fp16 / int4 MatMulNBits)
-    out/embedding.onnx                input_ids + image_features -> inputs_embeds (the embedding table;
-                                      the visual rows spliced at the placeholder ids, in order)
+    out/embedding.onnx, .onnx.data    input_ids + image_features -> inputs_embeds (the embedding table,
+                                      as external data: ONNX Runtime memory-maps it, so only the rows a
+                                      prompt uses become resident; the visual rows spliced at the
+                                      placeholder ids, in order)
     out/vision.onnx                   pixel_values [1, T, C] -> image_features [T, C], an identity: the
                                       visual rows come from the export's own vision graphs
     out/genai_config.json             the builder's config, model type "phi3v" (a GenAI VLM) + the two parts
@@ -191,7 +193,12 @@ def build_genai(out_dir: str | os.PathLike, *, model=None, llama_dir: str | os.P
         builder_cfg = json.loads((tmp / "genai_config.json").read_text())
         decoder = tmp / builder_cfg["model"]["decoder"]["filename"]
         emb_dtype = _decoder_embeds_dtype(decoder)
-        onnx.save_model(embedding_graph(np.asarray(table, np.float32), out_dtype=emb_dtype), str(tmp / "embedding.onnx"))
+        # the table as external data: ONNX Runtime memory-maps it and a Gather touches only the rows it reads.
+        # Inline in the protobuf it was copied whole into the process (measured at real width: +500 MiB of
+        # resident memory, 6148 -> 5649 MiB peak for a 1008x672 request)
+        onnx.save_model(embedding_graph(np.asarray(table, np.float32), out_dtype=emb_dtype), str(tmp / "embedding.onnx"),
+                        save_as_external_data=True, all_tensors_to_one_file=True,
+                        location="embedding.onnx.data", size_threshold=1024)
         onnx.save_model(vision_graph(facts["hidden_size"]), str(tmp / "vision.onnx"))
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(builder_cfg), indent=4))
         import onnxruntime_genai as og

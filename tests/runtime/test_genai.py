@@ -139,11 +139,19 @@ def test_genai_directory(genai_fp32):
     assert "inputs_embeds" in m["decoder"]["inputs"] and "input_ids" not in m["decoder"]["inputs"]
     facts = json.loads((genai_fp32 / "hiwin_genai.json").read_text())
     assert facts["precision"] == "fp32" and facts["placeholder_id"] == -1
-    assert {"model.onnx", "embedding.onnx", "vision.onnx", "genai_config.json", "tokenizer.json"} <= set(facts["files"])
+    assert {"model.onnx", "embedding.onnx", "embedding.onnx.data", "vision.onnx", "genai_config.json",
+            "tokenizer.json"} <= set(facts["files"])
+    # the embedding table is external data (memory-mapped by ONNX Runtime: only the rows read become resident)
+    import onnx
+    from onnx import TensorProto
+
+    emb = onnx.load(str(genai_fp32 / "embedding.onnx"), load_external_data=False)
+    (table,) = [t for t in emb.graph.initializer if t.name == "embed_tokens.weight"]
+    assert table.data_location == TensorProto.EXTERNAL
+    assert {e.key: e.value for e in table.external_data}["location"] == "embedding.onnx.data"
+    assert (genai_fp32 / "embedding.onnx").stat().st_size < 4096
     # the LM head pruned to the last position at prefill (the logits' first axis is the builder's
     # "num_logits", not the prompt's length)
-    import onnx
-
     dec = onnx.load(str(genai_fp32 / "model.onnx"), load_external_data=False)
     (logits,) = [o for o in dec.graph.output if o.name == "logits"]
     assert [d.dim_param or d.dim_value for d in logits.type.tensor_type.shape.dim][1] in (1, "num_logits")
@@ -154,10 +162,11 @@ def test_genai_session_overlay(genai_pipe):
 
     assert physical_cores() >= 1
     o = session_overlay(3)["model"]
-    assert o["decoder"]["session_options"] == {"intra_op_num_threads": 3}
+    assert o["decoder"]["session_options"] == {"intra_op_num_threads": 3, "session.use_env_allocators": "1"}
     for part in ("embedding", "vision"):
         assert o[part]["session_options"]["intra_op_num_threads"] == 1
         assert o[part]["session_options"]["session.intra_op.allow_spinning"] == "0"
+        assert o[part]["session_options"]["session.use_env_allocators"] == "1"  # the process's shared CPU arena
     assert session_overlay(None)["model"]["decoder"]["session_options"]["intra_op_num_threads"] == physical_cores()
     with pytest.raises(ValueError, match="threads must be >= 1"):
         session_overlay(-2)
